@@ -1,0 +1,1 @@
+"""Flax NNX modules (no training logic)."""
