@@ -74,6 +74,15 @@ class ToyFamily(ModelFamily):
     def make_train_iterator(self, stage, *, seed, process_index, process_count):
         return ToyIterator(stage.task_batch["t2i"], seed, process_index, process_count)
 
+    def abstract_batch(self, stage, batch_per_task):
+        n = batch_per_task["t2i"]
+        return {
+            "t2i": {
+                "x": jax.ShapeDtypeStruct((n, 8), jnp.float32),
+                "y": jax.ShapeDtypeStruct((n,), jnp.float32),
+            }
+        }
+
     def loss(self, model, batch, key, *, step, stage):
         pred = model(batch["t2i"]["x"])
         loss = jnp.mean((pred - batch["t2i"]["y"]) ** 2)

@@ -15,7 +15,7 @@ DEFAULT_SHARDING_RULES = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("vocab", "tensor"),
-    ("cond", "tensor"),
+    ("cond", "fsdp"),  # diffusion-head width (its other dim takes "mlp")
     ("codebook", None),
     ("latent", None),
     ("position", None),

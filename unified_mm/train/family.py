@@ -62,10 +62,20 @@ class ModelFamily(abc.ABC):
         """This process's local batches for ``stage`` (``task -> {field: array}``), with
         ``get_state``/``set_state``/``stats``/``close`` when the pipeline supports them."""
 
+    @abc.abstractmethod
+    def abstract_batch(self, stage: StageSpec, batch_per_task: Mapping[str, int]) -> dict:
+        """``jax.ShapeDtypeStruct`` leaves of a batch with ``batch_per_task`` rows per task (the
+        shapes the data pipeline produces), for ahead-of-time compilation and benchmarks."""
+
     def weight_decay_rule(self, path: tuple[str, ...], value: jax.Array) -> bool:
         from unified_mm.train.optimizer import mar_weight_decay_rule
 
         return mar_weight_decay_rule(path, value)
+
+    def pretrained_params(self) -> Mapping[str, Any] | None:
+        """Released weights to start from when no checkpoint exists: a (possibly partial) pure
+        dict of host arrays in the model's layout, or None to keep the random initialisation."""
+        return None
 
     def stage_start_params(
         self, params: nnx.State, stage: StageSpec, previous: StageSpec | None

@@ -175,3 +175,30 @@ def assemble_state(
     if opt_state is not None:
         state = state.replace(opt_state=opt_state)
     return state
+
+
+def overlay_params(params: nnx.State, pretrained, shardings: nnx.State) -> nnx.State:
+    """Replaces the leaves named in the (partial) pure dict ``pretrained`` and places each on its
+    parameter's sharding; shapes must match exactly."""
+    flat_new = {tuple(map(str, k)): v for k, v in nnx.to_flat_state(nnx.State(pretrained))}
+    flat_sh = {tuple(map(str, k)): v for k, v in nnx.to_flat_state(shardings)}
+    out = []
+    bad = []
+    for path, var in nnx.to_flat_state(params):
+        key = tuple(map(str, path))
+        if key in flat_new:
+            value = flat_new.pop(key)
+            value = getattr(value, "value", value)
+            if tuple(value.shape) != tuple(var.shape):
+                bad.append(f"{'/'.join(key)} {tuple(value.shape)} != {tuple(var.shape)}")
+                continue
+            sharding = flat_sh[key]
+            sharding = getattr(sharding, "value", sharding)
+            var = var.replace(jax.device_put(jnp.asarray(value, var.dtype), sharding))
+        out.append((path, var))
+    if bad or flat_new:
+        raise ValueError(
+            f"pretrained weights do not fit the model: wrong shapes {bad[:5]}, "
+            f"unknown {['/'.join(k) for k in list(flat_new)[:5]]}"
+        )
+    return nnx.from_flat_state(out)

@@ -26,7 +26,13 @@ from unified_mm.parallel.sharding import batch_sharding, host_batch_to_global, r
 from unified_mm.train import checkpoint as ckpt
 from unified_mm.train import metrics as mt
 from unified_mm.train.data_feed import DataFeed
-from unified_mm.train.init import assemble_state, init_params, model_layout, stage_layout
+from unified_mm.train.init import (
+    assemble_state,
+    init_params,
+    model_layout,
+    overlay_params,
+    stage_layout,
+)
 from unified_mm.train.optimizer import learning_rate_schedule, make_optimizer
 from unified_mm.train.preemption import PreemptionFlag
 from unified_mm.train.samples import write_previews
@@ -96,6 +102,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, ema = resume["params"], resume["ema"]
     if params is None:
         params = init_params(family, layout, mesh, rules, config.seed)
+        pretrained = family.pretrained_params()
+        if pretrained:
+            params = overlay_params(params, pretrained, layout.param_shardings)
         ema = jax.tree.map(jnp.copy, params) if use_ema else None
     rng = jax.random.key_data(jax.random.key(config.seed + 1))
     report: dict = {"stages": {}}
