@@ -194,10 +194,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if global_step == config.faults.kill_at_step:  # fault injection (tests)
                         jax.block_until_ready(state)
                         os.kill(os.getpid(), signal.SIGKILL)
-                    if not first_step_done:  # exclude compilation from timings
+                    if not first_step_done:  # exclude compilation from timings and ETA
                         jax.block_until_ready(metrics)
                         first_step_done = True
                         timer.reset()
+                        stage_t0 = time.perf_counter()
+                        session_first_step = stage_step
                     else:
                         timer.tick()
                     last = stage_step == stage.steps
