@@ -32,16 +32,14 @@ def model_layout(family: ModelFamily, mesh: Mesh, rules) -> ModelLayout:
     # eval_shape outside jax.set_mesh (jax_scaling.md 2.4 pitfall); nothing is allocated.
     with nnx.logical_axis_rules(rules):
         abstract_model = nnx.eval_shape(lambda: family.build_model(nnx.Rngs(0)))
-    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(
-            "the model holds non-Param state (e.g. RNG or batch statistics); unified_mm models "
-            "take randomness as explicit keys: "
-            + ", ".join(sorted(map(str, rest.flat_state())))[:300]
-        )
+    # All variables travel together: trainable Params are chosen per stage, everything else
+    # (frozen Params and non-Param constants such as a frozen random codebook) is carried as-is.
+    graphdef, abstract_params = nnx.split(abstract_model)
+    if jax.tree.leaves(nnx.filter_state(abstract_params, nnx.RngState)):
+        raise ValueError("the model holds RNG state; unified_mm models take explicit keys")
     shardings = state_shardings(abstract_params, mesh, rules)
     groups = family.param_groups()
-    check_groups_cover(abstract_params, groups)
+    check_groups_cover(nnx.filter_state(abstract_params, nnx.Param), groups)
     return ModelLayout(graphdef, abstract_params, shardings, groups)
 
 
@@ -53,7 +51,7 @@ def check_groups_cover(abstract_params: nnx.State, groups: Mapping[str, nnx.filt
     """Every parameter belongs to exactly one named group: no silent untrained leftovers."""
     counts: dict[tuple, list[str]] = {p: [] for p in _param_paths(abstract_params)}
     for name, filt in groups.items():
-        for path in _param_paths(nnx.filter_state(abstract_params, filt)):
+        for path in _param_paths(nnx.filter_state(abstract_params, nnx.All(nnx.Param, filt))):
             counts[path].append(name)
     orphans = ["/".join(map(str, p)) for p, g in counts.items() if not g]
     doubles = ["/".join(map(str, p)) + f" in {g}" for p, g in counts.items() if len(g) > 1]
@@ -74,7 +72,7 @@ def init_params(
     """Initialises every parameter directly on its shard (threefry is partitionable)."""
 
     def create(key):
-        return nnx.state(family.build_model(nnx.Rngs(key)), nnx.Param)
+        return nnx.state(family.build_model(nnx.Rngs(key)))
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return jax.jit(create, out_shardings=layout.param_shardings)(jax.random.key(seed))

@@ -35,7 +35,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 def _abstract_params(family: ModelFamily):
     abstract = nnx.eval_shape(lambda: family.build_model(nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
+    graphdef, params = nnx.split(abstract)
     device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(

@@ -107,15 +107,16 @@ def _concrete(x: Array) -> np.ndarray | None:
 
 
 class VQRAEUnified(nnx.Module):
-    def __init__(self, cfg: UnifiedConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: UnifiedConfig, *, rngs: nnx.Rngs, tokenizer: VQRAE | None = None):
+        """``tokenizer``: an existing full VQRAE (the trainer's single model for all stages keeps
+        its teacher and GAN parts); by default a stage-3-only tokenizer without them is built."""
         self.cfg = cfg
-        # The stage-3 tokenizer needs neither the teacher nor the GAN / LPIPS machinery.
         tok_cfg = dataclasses.replace(
             cfg.tokenizer,
             with_teacher=False,
             loss=dataclasses.replace(cfg.tokenizer.loss, gan_weight=0.0, lpips_weight=0.0),
         )
-        self.tokenizer = VQRAE(tok_cfg, rngs=rngs)
+        self.tokenizer = tokenizer if tokenizer is not None else VQRAE(tok_cfg, rngs=rngs)
         self.projector = Projector(tok_cfg.encoder.hidden_size, cfg.llm.hidden_size, rngs=rngs)
         self.llm = Qwen2(cfg.llm, rngs=rngs)
 
