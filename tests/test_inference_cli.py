@@ -1,0 +1,317 @@
+"""CLI smoke tests: text-to-image, image-to-text, evaluate and reconstruct on a tiny checkpoint.
+
+The checkpoint is the smoke config's Harmon saved through the trainer's checkpoint code at a
+stage boundary (random initial weights: a real smoke training run takes minutes on this CPU), with
+an EMA item that differs from the params so the EMA / --no-ema paths are distinguishable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEP = 4
+EMA_OFFSET = 1e-3
+
+
+def smoke_config():
+    spec = importlib.util.spec_from_file_location(
+        "shapes_harmon_cfg", REPO / "configs" / "shapes_harmon.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config("smoke")
+
+
+def random_values(abstract: nnx.Module, seed: int = 0) -> dict:
+    """Random values for every variable of an abstract model (the tree the trainer
+    checkpoints), drawn with numpy (no per-op XLA compiles): norm scales 1, biases 0, everything
+    else N(0, 0.02)."""
+    pure = nnx.to_pure_dict(nnx.state(abstract))
+    rng = np.random.default_rng(seed)
+
+    def init(path, leaf):
+        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(init, pure)
+
+
+def random_model(build, seed: int = 0) -> nnx.Module:
+    """`build()`'s model with `random_values` (built abstractly, then filled)."""
+    abstract = nnx.eval_shape(build)
+    state = nnx.state(abstract)
+    nnx.replace_by_pure_dict(state, random_values(abstract, seed))
+    graphdef = nnx.graphdef(abstract)
+    return nnx.merge(graphdef, state)
+
+
+def random_params(family, seed: int = 0) -> dict:
+    return random_values(nnx.eval_shape(lambda: family.build_model(nnx.Rngs(0))), seed)
+
+
+def make_tiny_checkpoint(workdir: str, *, step: int = STEP, stage: str = "full") -> dict:
+    """Saves a smoke-config Harmon as the trainer does; returns {"params", "ema"} pure dicts."""
+    from unified_mm import families
+    from unified_mm.train import checkpoint as ckpt
+
+    config = smoke_config()
+    family = families.build(config)
+    params = random_params(family)
+    ema = jax.tree.map(lambda x: x + np.float32(EMA_OFFSET), params)
+    manager = ckpt.make_manager(
+        os.path.join(workdir, "checkpoints"), save_every=1, keep_last=2, asynchronous=False
+    )
+    ckpt.save(
+        manager,
+        step,
+        params=params,
+        opt_state={"count": jnp.zeros((), jnp.int32)},
+        ema=ema,
+        train={"rng": jnp.zeros((2,), jnp.uint32), "skipped_steps": jnp.zeros((), jnp.int32)},
+        data_state=None,
+        meta={
+            "stage": stage,
+            "stage_index": 1,
+            "stage_step": 2,
+            "global_step": step,
+            "family": "harmon",
+            "config": config.to_json(),
+        },
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return {"params": params, "ema": ema}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    make_tiny_checkpoint(str(d))
+    return str(d)
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# --help
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "unified_mm.tools.text_to_image",
+        "unified_mm.tools.image_to_text",
+        "unified_mm.tools.reconstruct",
+        "unified_mm.tools.export",
+        "unified_mm.evaluate",
+    ],
+)
+def test_help(module, capsys):
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "usage:" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# text-to-image
+
+
+def test_text_to_image_writes_pngs_and_metadata(workdir, tmp_path, capsys):
+    from unified_mm.tools import text_to_image
+
+    out = tmp_path / "t2i"
+    argv = [
+        "--checkpoint",
+        workdir,
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "two blue squares",
+        "--num-samples",
+        "3",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
+    assert text_to_image.main(argv) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == [f"{p:05d}_{k:02d}.png" for p in range(2) for k in range(3)]
+    first = np.asarray(Image.open(pngs[0]))
+    assert first.shape == (32, 32, 3) and first.dtype == np.uint8  # the "full" stage is 32 px
+    meta = json.loads((out / "00001_02.json").read_text())
+    assert meta["prompt"] == "two blue squares" and meta["sample"] == 2 and meta["seed"] == 5
+    assert meta["step"] == STEP and meta["ema"] is True
+    assert {"num_iter", "cfg", "cfg_schedule", "temperature", "image_size"} <= set(meta)
+    # same seed -> same images; samples of one prompt differ from each other
+    out2 = tmp_path / "t2i_again"
+    assert text_to_image.main(argv[:-1] + [str(out2)]) == 0
+    again = np.asarray(Image.open(out2 / pngs[0].name))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, np.asarray(Image.open(pngs[1])))
+
+
+def test_text_to_image_geneval_layout_from_jsonl(workdir, tmp_path):
+    from unified_mm.data.shapes import geneval_prompts
+    from unified_mm.eval.geneval import geneval_metadata, score_geneval_folder
+    from unified_mm.tools import text_to_image
+
+    specs = [geneval_prompts(1)[i] for i in (0, 3)]  # short: the first test's compiled shapes
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(geneval_metadata(s)) + "\n" for s in specs))
+    out = tmp_path / "geneval"
+    rc = text_to_image.main(
+        [
+            "--checkpoint",
+            workdir,
+            "--prompts",
+            str(prompts),
+            "--num-samples",
+            "3",
+            "--geneval-layout",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    for i, s in enumerate(specs):
+        folder = out / f"{i:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == geneval_metadata(s)
+        assert sorted(p.name for p in (folder / "samples").glob("*.png")) == [
+            "00000.png",
+            "00001.png",
+            "00002.png",
+        ]
+        assert (folder / "samples" / "00000.json").is_file()
+    summary, results = score_geneval_folder(str(out))
+    assert len(results) == 6 and 0.0 <= summary["overall"] <= 1.0
+
+
+def test_text_to_image_bad_input(workdir, tmp_path, capsys):
+    from unified_mm.tools import text_to_image
+
+    out = str(tmp_path / "x")
+    assert (
+        text_to_image.main(
+            ["--checkpoint", str(tmp_path / "nope"), "--prompt", "a red circle", "--out", out]
+        )
+        == 2
+    )
+    assert "does not exist" in _err(capsys)
+    assert text_to_image.main(["--checkpoint", workdir, "--out", out]) == 2
+    assert "no prompts" in _err(capsys)
+    assert (
+        text_to_image.main(["--checkpoint", workdir, "--prompt", "a purple dog", "--out", out]) == 2
+    )
+    err = _err(capsys)
+    assert "vocabulary" in err and "dog" in err and "\n" not in err
+    long = " and ".join(["a red circle"] * 12)
+    assert text_to_image.main(["--checkpoint", workdir, "--prompt", long, "--out", out]) == 2
+    assert "max_text_len" in _err(capsys)
+    assert (
+        text_to_image.main(
+            [
+                "--checkpoint",
+                workdir,
+                "--prompt",
+                "a red circle",
+                "--image-size",
+                "36",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
+    assert "stride" in _err(capsys)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": "x"}')
+    assert text_to_image.main(["--checkpoint", workdir, "--prompts", str(bad), "--out", out]) == 2
+    assert "list" in _err(capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# image-to-text
+
+
+def _write_image(path, colour=(220, 30, 30)) -> str:
+    from unified_mm.data.shapes_render import ObjectSpec, render_objects
+
+    img = render_objects([ObjectSpec("circle", "red", 0.5, 0.5, 0.5)], 48)
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+def test_image_to_text_greedy_and_sampled(workdir, tmp_path, capsys):
+    from unified_mm.tools import image_to_text
+
+    a = _write_image(tmp_path / "a.png")
+    b = _write_image(tmp_path / "b.png")
+    out = tmp_path / "answers.jsonl"
+    argv = [
+        "--checkpoint",
+        workdir,
+        "--image",
+        a,
+        "--image",
+        b,
+        "--prompt",
+        "What colour is the circle?",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+    ]
+    assert image_to_text.main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and printed[0].startswith(a + "\t")
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in recs] == [a, b] and recs[0]["greedy"] is True
+    assert recs[0]["answer"] == recs[1]["answer"]  # same image, greedy: same answer
+    assert image_to_text.main(argv + ["--sample", "--top-k", "5", "--seed", "1"]) == 0
+    sampled = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sampled[0]["greedy"] is False and sampled[0]["seed"] == 1
+
+
+def test_image_to_text_bad_input(workdir, tmp_path, capsys):
+    from unified_mm.tools import image_to_text
+
+    assert image_to_text.main(["--checkpoint", workdir, "--image", str(tmp_path / "none.png")]) == 2
+    assert "does not exist" in _err(capsys)
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    assert image_to_text.main(["--checkpoint", workdir, "--image", str(junk)]) == 2
+    assert "not an image" in _err(capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# reconstruct (VQRAE)
+
+
+def test_reconstruct_refuses_harmon(workdir, tmp_path, capsys):
+    from unified_mm.tools import reconstruct
+
+    img = _write_image(tmp_path / "a.png")
+    assert reconstruct.main(["--checkpoint", workdir, "--image", img, "--out", str(tmp_path)]) == 2
+    assert "needs a VQRAE checkpoint" in _err(capsys)

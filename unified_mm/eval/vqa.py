@@ -1,0 +1,106 @@
+"""shapes-VQA: exact-match accuracy on held-out questions, per question type.
+
+Questions come from held-out examples of the shapes dataset (`split="heldout"`: every image holds
+a (shape, colour) pair never seen in training). Types are taken in turn (`shapes.QTYPES`: colour,
+count, exist, shape, position, caption) so each is about equally represented; an example that has
+no question of the type due gives the next type it has.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from unified_mm.data.shapes import QTYPES, ShapesDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    image: np.ndarray
+    question: str
+    answer: str
+    qtype: str
+    index: int  # held-out example index
+
+
+def heldout_questions(
+    n: int, *, image_size: int, seed: int = 0, split: str = "heldout"
+) -> list[Question]:
+    """`n` questions, one per example, question types in turn."""
+    if n < 1:
+        raise ValueError(f"number of VQA questions must be >= 1, got {n}")
+    ds = ShapesDataset(split, seed=seed, image_size=image_size)
+    out = []
+    for i in range(n):
+        ex = ds[i]
+        by_type = collections.defaultdict(list)
+        for q, a, t in ex.qa:
+            by_type[t].append((q, a))
+        for k in range(len(QTYPES)):
+            qtype = QTYPES[(i + k) % len(QTYPES)]
+            if by_type.get(qtype):
+                break
+        pool = by_type[qtype]
+        rng = np.random.default_rng((seed, 0x7A5, i))
+        q, a = pool[int(rng.integers(len(pool)))]
+        out.append(Question(ex.image, q, a, qtype, i))
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no trailing full stop (the exact-match key)."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.rstrip(".").strip()
+
+
+def score_answers(questions: Sequence[Question], answers: Sequence[str]) -> tuple[dict, list[dict]]:
+    """(summary: per-type accuracy, "overall" over all questions, "mean_per_type"; records)."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    per: dict[str, list[bool]] = collections.defaultdict(list)
+    records = []
+    for q, a in zip(questions, answers):
+        ok = normalize_answer(a) == normalize_answer(q.answer)
+        per[q.qtype].append(ok)
+        records.append(
+            {
+                "index": q.index,
+                "qtype": q.qtype,
+                "question": q.question,
+                "answer": q.answer,
+                "prediction": a,
+                "correct": ok,
+            }
+        )
+    summary = {t: float(np.mean(per[t])) for t in QTYPES if per.get(t)}
+    summary["overall"] = float(np.mean([r["correct"] for r in records])) if records else 0.0
+    summary["mean_per_type"] = float(np.mean([summary[t] for t in per])) if per else 0.0
+    summary["questions"] = len(records)
+    return summary, records
+
+
+def answer_budget(tokenizer, questions: Sequence[Question]) -> int:
+    """New tokens needed by the longest reference answer plus its end-of-turn token."""
+    return max(len(tokenizer.encode(q.answer)) for q in questions) + 1
+
+
+def evaluate_vqa(
+    answer_fn: Callable[[Sequence[np.ndarray], Sequence[str], int], list[str]],
+    tokenizer,
+    *,
+    num_questions: int,
+    image_size: int,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """Asks `answer_fn(images, questions, max_new_tokens)` the held-out questions and scores them."""
+    questions = heldout_questions(num_questions, image_size=image_size, seed=seed)
+    answers = answer_fn(
+        [q.image for q in questions],
+        [q.question for q in questions],
+        answer_budget(tokenizer, questions),
+    )
+    return score_answers(questions, answers)
