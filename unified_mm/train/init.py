@@ -186,12 +186,12 @@ def overlay_params(params: nnx.State, pretrained, shardings: nnx.State) -> nnx.S
         key = tuple(map(str, path))
         if key in flat_new:
             value = flat_new.pop(key)
-            value = getattr(value, "value", value)
+            value = value.get_value() if isinstance(value, nnx.Variable) else value
             if tuple(value.shape) != tuple(var.shape):
                 bad.append(f"{'/'.join(key)} {tuple(value.shape)} != {tuple(var.shape)}")
                 continue
             sharding = flat_sh[key]
-            sharding = getattr(sharding, "value", sharding)
+            sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
             var = var.replace(jax.device_put(jnp.asarray(value, var.dtype), sharding))
         out.append((path, var))
     if bad or flat_new:
