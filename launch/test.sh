@@ -15,4 +15,5 @@ for a in "$@"; do
   esac
 done
 WORKERS="${UNIFIED_MM_TEST_WORKERS:-2}"
-exec python -m pytest -n "$WORKERS" --durations=15 "${MARK[@]}" "${ARGS[@]}"
+# loadfile: one worker per test file, so module fixtures are built once.
+exec python -m pytest -n "$WORKERS" --dist loadfile --durations=15 "${MARK[@]}" "${ARGS[@]}"

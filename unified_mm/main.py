@@ -30,6 +30,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (local runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (local runs).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    100,
+    "Seconds without a heartbeat after which JAX's coordination service declares a process dead "
+    "and stops the others (multi-process runs).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,19 +57,20 @@ def main(argv) -> int:
     import jax
 
     if _DISTRIBUTED.value:
-        kwargs = {}
+        kwargs = {"heartbeat_timeout_seconds": _HEARTBEAT.value}
         if _COORDINATOR.value:
-            kwargs = dict(
+            kwargs.update(
                 coordinator_address=_COORDINATOR.value,
                 num_processes=_NUM_PROCESSES.value,
                 process_id=_PROCESS_ID.value,
             )
         jax.distributed.initialize(**kwargs)
+    from unified_mm.train.checkpoint import CheckpointError
     from unified_mm.train.train import main_entry
 
     try:
         return main_entry(_CONFIG.value, _WORKDIR.value)
-    except ValueError as e:  # configuration and input errors: one clear line, no stack trace
+    except (ValueError, CheckpointError) as e:  # bad config, input or checkpoints: one line
         logging.getLogger("unified_mm").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

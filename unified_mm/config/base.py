@@ -74,5 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.max_consecutive_bad_steps = 5
     c.profile = ml_collections.ConfigDict(dict(first_step=0, num_steps=0))
-    c.faults = ml_collections.ConfigDict(dict(nan_loss_steps=(), kill_at_step=-1))
+    # Fault injection for the reliability tests (never set in real runs).
+    c.faults = ml_collections.ConfigDict(
+        dict(
+            nan_loss_steps=(),
+            nan_input_steps=(),
+            inf_grad_steps=(),
+            kill_at_step=-1,
+            kill_during_save_at_step=-1,
+            sigterm_at_step=-1,
+        )
+    )
     return c

@@ -56,15 +56,19 @@ class DataFeed:
         self.batches = int(state["batches"])
 
     def skipped_counts(self) -> dict[str, int]:
+        """Records skipped so far: ``{source: n, "source/reason": n}`` (reasons with n > 0)."""
         stats = getattr(self._it, "stats", None)
         if stats is None:
             return {}
         counts = {}
-        for source, reasons in stats().items():
-            if isinstance(reasons, dict):
-                counts[source] = int(sum(reasons.values()))
-            else:
-                counts[source] = int(reasons)
+        for source, entry in stats().items():
+            if not isinstance(entry, dict):
+                counts[source] = int(entry)
+                continue
+            # TrainIterator.stats(): {"used": n, "skipped": n, <reason>: n, ...}
+            reasons = {k: int(v) for k, v in entry.items() if k not in ("used", "skipped")}
+            counts[source] = int(entry.get("skipped", sum(reasons.values())))
+            counts.update({f"{source}/{r}": n for r, n in reasons.items() if n})
         return counts
 
     def close(self) -> None:

@@ -56,6 +56,9 @@ def read_metrics(workdir: str) -> list[dict]:
     rows: dict[int, dict] = {}
     with open(path) as f:
         for line in f:
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed process
+                continue
             rows[row["step"]] = row
     return [rows[k] for k in sorted(rows)]

@@ -32,7 +32,12 @@ class TrainState(struct.PyTreeNode):
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     ema_decay: float = 0.0
-    nan_loss_steps: Sequence[int] = ()  # fault injection for the reliability tests
+    # Fault injection for the reliability tests (0-based step indices): a NaN total loss, NaN
+    # inputs (every floating batch leaf, so the family's own loss terms turn NaN), or infinite
+    # gradients with a finite loss.
+    nan_loss_steps: Sequence[int] = ()
+    nan_input_steps: Sequence[int] = ()
+    inf_grad_steps: Sequence[int] = ()
 
 
 def merged_params(state: TrainState) -> nnx.State:
@@ -52,6 +57,10 @@ def _microbatches(batch, k: int, batch_spec):
     return jax.tree.map(split, batch)
 
 
+def _at(steps: Sequence[int], step: jax.Array) -> jax.Array:
+    return jnp.isin(step, jnp.asarray(tuple(steps), jnp.int32))
+
+
 def make_train_step(
     family: ModelFamily,
     graphdef: nnx.GraphDef,
@@ -67,8 +76,7 @@ def make_train_step(
         model = nnx.merge(graphdef, trainable, frozen)
         loss, metrics = family.loss(model, batch, key, step=step, stage=stage)
         if options.nan_loss_steps:
-            poisoned = jnp.isin(step, jnp.asarray(options.nan_loss_steps, jnp.int32))
-            loss = jnp.where(poisoned, jnp.nan, loss)
+            loss = jnp.where(_at(options.nan_loss_steps, step), jnp.nan, loss)
         metrics = dict(metrics, loss=loss)
         return loss, metrics
 
@@ -76,6 +84,14 @@ def make_train_step(
 
     def step_fn(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if options.nan_input_steps:
+            poisoned = _at(options.nan_input_steps, state.step)
+            batch = jax.tree.map(
+                lambda x: (
+                    jnp.where(poisoned, jnp.nan, x) if jnp.issubdtype(x.dtype, jnp.floating) else x
+                ),
+                batch,
+            )
         if k == 1:
             (_, metrics), grads = grad_fn(state.trainable, state.frozen, batch, key, state.step)
         else:
@@ -95,6 +111,9 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / k, grads)
             metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), ms)
 
+        if options.inf_grad_steps:
+            poisoned = _at(options.inf_grad_steps, state.step)
+            grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.inf, g), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 

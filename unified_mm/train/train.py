@@ -7,6 +7,7 @@ evaluate. Families plug in through ``unified_mm.train.family.ModelFamily``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -57,12 +58,30 @@ def _checkpoint_meta(config, stage: StageSpec, stage_step: int, global_step: int
     }
 
 
+def _step_options(config) -> StepOptions:
+    faults = config.faults
+    return StepOptions(
+        ema_decay=float(config.ema.decay),
+        nan_loss_steps=tuple(faults.nan_loss_steps),
+        nan_input_steps=tuple(faults.get("nan_input_steps", ())),
+        inf_grad_steps=tuple(faults.get("inf_grad_steps", ())),
+    )
+
+
 def _bad_step_message(m: dict, step: int, max_bad: int) -> str:
     terms = [k for k, v in m.items() if k.startswith("loss") and not np.isfinite(v)]
+    culprit = ", ".join(terms) or f"none (non-finite gradients, grad_norm={m.get('grad_norm')})"
     return (
         f"stopping at step {step}: {int(m['bad_steps'])} consecutive non-finite steps "
-        f"(limit {max_bad}); offending loss term(s): {', '.join(terms) or 'gradients'}"
+        f"(limit {max_bad}), each skipped; offending loss term(s): {culprit}"
     )
+
+
+def _check_bad_steps(metrics, step: int, max_bad: int) -> None:
+    """Stops the run once ``max_bad`` consecutive steps were non-finite (and skipped)."""
+    if int(jax.device_get(metrics["bad_steps"])) >= max_bad:
+        m = mt.to_scalars(jax.device_get(metrics))
+        raise TrainingStopped(_bad_step_message(m, step, max_bad))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -114,6 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ------------------------------------------------------------------ stages
     try:
+        if resume["params"] is not None:
+            _evaluate_missed(config, family, stages, layout, params, ema, workdir, resume, report)
         for stage in stages[resume["stage_index"] :]:
             stage_start = bounds[stage.index]
             stage_step = global_step - stage_start
@@ -136,6 +157,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 skipped_steps=resume["skipped_steps"],
                 opt_state=None if fresh_stage else resume["opt_state"],
             )
+            if resume.get("bad_steps"):  # a run of bad steps does not end at a stage boundary
+                state = state.replace(
+                    bad_steps=jax.device_put(
+                        jnp.asarray(resume["bad_steps"], jnp.int32), layout_s.shardings.bad_steps
+                    )
+                )
             log.info(
                 "stage %s (%d/%d): steps %d-%d, trainable %s, image %dpx, batch %s",
                 stage.name,
@@ -153,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     layout_s.graphdef,
                     stage,
                     tx,
-                    StepOptions(float(config.ema.decay), tuple(config.faults.nan_loss_steps)),
+                    _step_options(config),
                     microbatch_sharding=None,
                 ),
                 in_shardings=(layout_s.shardings, batch_sharding(mesh)),
@@ -174,6 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stage_t0 = time.perf_counter()
             session_first_step = stage_step
             first_step_done = False
+            previous_step = None  # (metrics, global step) of the step dispatched before
             with jax.set_mesh(mesh):
                 while stage_step < stage.steps:
                     if preempt.requested or manager.reached_preemption(global_step):
@@ -181,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             manager, config, state, feed, stage, stage_step, global_step, force=True
                         )
                         manager.wait_until_finished()
+                        feed.close()
                         log.warning("preempted: saved step %d, exiting", global_step)
                         report["preempted_at"] = global_step
                         return report
@@ -194,6 +223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if global_step == config.faults.kill_at_step:  # fault injection (tests)
                         jax.block_until_ready(state)
                         os.kill(os.getpid(), signal.SIGKILL)
+                    if global_step == config.faults.get("sigterm_at_step", -1):  # (tests)
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    # Every step, one step behind (that one is done or nearly, so the device
+                    # keeps its queue): the stop must not wait for the next logging step.
+                    if previous_step is not None:
+                        _check_bad_steps(*previous_step, config.max_consecutive_bad_steps)
+                    previous_step = (metrics, global_step)
                     if not first_step_done:  # exclude compilation from timings and ETA
                         jax.block_until_ready(metrics)
                         first_step_done = True
@@ -204,11 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         timer.tick()
                     last = stage_step == stage.steps
                     if stage_step % config.log_every_steps == 0 or last:
+                        _check_bad_steps(metrics, global_step, config.max_consecutive_bad_steps)
                         m = mt.to_scalars(jax.device_get(metrics))
-                        if m["bad_steps"] >= config.max_consecutive_bad_steps:
-                            raise TrainingStopped(
-                                _bad_step_message(m, global_step, config.max_consecutive_bad_steps)
-                            )
                         m.update(timer.summary())
                         m["lr"] = float(lr_at(stage_step - 1))
                         m["stage"] = stage.index
@@ -250,23 +283,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         )
                     _save(manager, config, state, feed, stage, stage_step, global_step, force=last)
                 manager.wait_until_finished()
+                skipped = {k: v for k, v in feed.skipped_counts().items() if v}
+                if skipped:  # also in metrics as data/skipped/<source>[/<reason>]
+                    log.warning("stage %s skipped bad records: %s", stage.name, skipped)
                 feed.close()
                 params, ema = merged_params(state), state.ema
                 rng = state.rng
                 resume["skipped_steps"] = int(jax.device_get(state.skipped_steps))
+                resume["bad_steps"] = int(jax.device_get(state.bad_steps))
+                if preempt.requested:  # the stage's last step is saved; it is evaluated on restart
+                    log.warning(
+                        "preempted after stage %s: saved step %d, exiting", stage.name, global_step
+                    )
+                    report["preempted_at"] = global_step
+                    return report
                 if config.evaluate_after_each_stage or stage.index == len(stages) - 1:
-                    result = family.evaluate(
+                    _evaluate_stage(
+                        family,
                         _eval_model(layout_s, state, layout, use_ema),
                         stage,
-                        workdir=workdir,
-                        step=global_step,
+                        workdir,
+                        global_step,
+                        report,
                     )
-                    if result:
-                        report["stages"][stage.name] = result
-                        ckpt.write_json(
-                            os.path.join(workdir, "eval", f"{stage.name}_step{global_step}.json"),
-                            result,
-                        )
             previous = stage
         report["final"] = report["stages"].get(stages[-1].name, {})
         report["global_step"] = global_step
@@ -286,10 +325,58 @@ def _eval_model(layout_s, state, layout, use_ema: bool) -> nnx.Module:
     return nnx.merge(layout_s.graphdef, state.trainable, state.frozen)
 
 
+def _eval_path(workdir: str, stage: StageSpec, step: int) -> str:
+    return os.path.join(workdir, "eval", f"{stage.name}_step{step}.json")
+
+
+def _evaluate_stage(family, model, stage, workdir: str, step: int, report: dict) -> None:
+    result = family.evaluate(model, stage, workdir=workdir, step=step)
+    if result:
+        report["stages"][stage.name] = result
+        ckpt.write_json(_eval_path(workdir, stage, step), result)
+
+
+def _evaluate_missed(config, family, stages, layout, params, ema, workdir, resume, report) -> None:
+    """Evaluates the stage that ended at the resumed checkpoint when its evaluation is missing.
+
+    A run killed or preempted between a stage's last checkpoint and the end of its evaluation
+    restarts exactly at that boundary; without this the evaluation (the final one included)
+    would be lost.
+    """
+    i = resume["stage_index"]
+    if i == 0 or resume["global_step"] != stage_boundaries(stages)[i]:
+        return
+    stage = stages[i - 1]
+    if not (config.evaluate_after_each_stage or i == len(stages)):
+        return
+    path = _eval_path(workdir, stage, resume["global_step"])
+    done = os.path.exists(path)
+    if jax.process_count() > 1:  # process 0 wrote it: all must take the same branch
+        from jax.experimental import multihost_utils
+
+        done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    if done:
+        if os.path.exists(path):
+            with open(path) as f:
+                report["stages"][stage.name] = json.load(f)
+        return
+    log.info(
+        "evaluating stage %s at step %d (missed before the restart)",
+        stage.name,
+        resume["global_step"],
+    )
+    model = nnx.merge(layout.graphdef, ema if ema is not None else params)
+    _evaluate_stage(family, model, stage, workdir, resume["global_step"], report)
+
+
 def _save(manager, config, state, feed, stage, stage_step, global_step, *, force: bool) -> None:
     if not force and not manager.should_save(global_step):
         return
-    ckpt.save(
+    if force and global_step in manager.all_steps():
+        # Already saved (a periodic save just before a preemption, or the step resumed from):
+        # saving it again would raise StepAlreadyExistsError.
+        return
+    started = ckpt.save(
         manager,
         global_step,
         params=nnx.to_pure_dict(merged_params(state)),
@@ -303,6 +390,9 @@ def _save(manager, config, state, feed, stage, stage_step, global_step, *, force
         meta=_checkpoint_meta(config, stage, stage_step, global_step),
         force=force,
     )
+    if started and global_step == config.faults.get("kill_during_save_at_step", -1):
+        # Fault injection (tests): die while the asynchronous save is still being written.
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _resume(manager, config, family, layout, stages, mesh, use_ema) -> dict:
@@ -322,8 +412,9 @@ def _resume(manager, config, family, layout, stages, mesh, use_ema) -> dict:
     def attempt(step: int) -> dict:
         meta = ckpt.read_meta(manager, step)
         if meta.get("family") != config.family:
-            raise ValueError(
-                f"checkpoint is of family {meta.get('family')!r}, config is {config.family!r}"
+            raise ckpt.CheckpointMismatchError(
+                f"checkpoint {step} in {manager.directory} is of family {meta.get('family')!r}, "
+                f"the config's is {config.family!r}: use another --workdir"
             )
         stage_index, stage_step = locate(stages, step)
         params_target = nnx.to_pure_dict(
@@ -333,6 +424,7 @@ def _resume(manager, config, family, layout, stages, mesh, use_ema) -> dict:
                 layout.param_shardings,
             )
         )
+        ckpt.check_params_fit(manager, step, ckpt.shapes_of(params_target))
         opt_target = None
         if stage_step > 0 and stage_index < len(stages):
             stage = stages[stage_index]
