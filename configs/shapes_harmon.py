@@ -75,7 +75,7 @@ def model_config(smoke: bool) -> ml_collections.ConfigDict:
                 rms_norm_eps=1e-6,
                 tie_word_embeddings=True,
             ),
-            harmon=dict(vae_scale=1.0),
+            harmon=dict(vae_scale=1.0, grad_scale=0.1),
         )
     )
 

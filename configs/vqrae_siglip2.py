@@ -97,6 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 with_teacher=True,
             ),
             llm=dict(llm, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+            # Used only when no tokenizer.json is given (AOT compilation, benchmarks): the
+            # Qwen text vocabulary with `<image>` appended.
+            text_vocab_size=151670,
+            image_token_id=151669,
         )
     )
     c.data = default_data_config()

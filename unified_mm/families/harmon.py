@@ -59,6 +59,11 @@ def harmon_config_from(model_cfg: ml_collections.ConfigDict, tokenizer=None) -> 
         tokenizer=d.get("tokenizer", "kl16"),
         pixel_patch=d.get("pixel_patch"),
     )
+    # Official 0.1 protects a pretrained MAR encoder from the understanding loss; a model trained
+    # from scratch may want the full gradient (``model.harmon.grad_scale``).
+    grad_scale = d.get("harmon", {}).get("grad_scale")
+    if grad_scale is not None:
+        cfg = dataclasses.replace(cfg, grad_scale=float(grad_scale))
     if tokenizer is not None:  # special ids come from the text tokenizer in use
         cfg = dataclasses.replace(
             cfg,

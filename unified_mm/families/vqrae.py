@@ -35,17 +35,21 @@ class VQRAEFamily(ModelFamily):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        tok = self.tokenizer
         m = config.model.to_dict()
+        tok_cfg = config.data.tokenizer
+        if tok_cfg.kind != "hf" or tok_cfg.path:
+            text_vocab, image_token = self.tokenizer.vocab_size, self.tokenizer.image_token_id
+        else:  # compiling or benchmarking without the tokenizer file: sizes from the config
+            text_vocab, image_token = int(m["text_vocab_size"]), int(m["image_token_id"])
         self.tokenizer_cfg = VQRAEConfig.from_dict(m["tokenizer"])
         k = self.tokenizer_cfg.quantizer.codebook_size
         llm = dict(m["llm"])
-        llm["vocab_size"] = tok.vocab_size + k + 2  # text, then the K visual codes, <boi>, <eoi>
+        llm["vocab_size"] = text_vocab + k + 2  # text, then the K visual codes, <boi>, <eoi>
         self.model_cfg = UnifiedConfig(
             tokenizer=self.tokenizer_cfg,
             llm=Qwen2Config.from_hf_dict(llm, dtype=m.get("dtype", "float32")),
-            text_vocab_size=tok.vocab_size,
-            image_token_id=tok.image_token_id,
+            text_vocab_size=text_vocab,
+            image_token_id=image_token,
             cond_drop_prob=0.0,  # the data pipeline already swaps in the null prompt
         )
 

@@ -1,0 +1,99 @@
+"""Configs are validated before anything compiles: one clear line per impossible value."""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+from toy_family import toy_config
+
+from unified_mm import families
+from unified_mm.config.args import parse_arg
+from unified_mm.config.validation import validate_config
+from unified_mm.parallel.mesh import MeshError, build_mesh
+from unified_mm.train.stages import stages_from_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _validate(config):
+    family = families.build(config)
+    stages = stages_from_config(config)
+    validate_config(config, family, stages, build_mesh(config.mesh))
+
+
+def test_toy_config_is_valid():
+    _validate(toy_config())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c.stages.head_only.task_batch.update(dict(t2i=6)),
+            "not divisible by the data-parallel size 4",
+        ),
+        (lambda c: setattr(c, "stage_order", ("head_only", "nope")), "unknown stage"),
+        (
+            lambda c: setattr(c.stages.all, "trainable", ("encoder", "decoder")),
+            "unknown parameter group",
+        ),
+        (lambda c: setattr(c.stages.all, "schedule", "linear"), "schedule 'linear'"),
+        (lambda c: setattr(c.stages.all, "warmup_steps", 100), "warmup_steps 100 exceed"),
+        (lambda c: c.stages.all.task_batch.update(dict(i2t=8)), "unknown task"),
+        (lambda c: setattr(c.ema, "decay", 1.5), "ema.decay"),
+        (lambda c: setattr(c.checkpoint, "every_steps", 0), "every_steps must be positive"),
+    ],
+)
+def test_impossible_values_fail_in_one_line(mutate, message):
+    config = toy_config()
+    with config.unlocked():
+        mutate(config)
+    with pytest.raises(ValueError, match=message) as err:
+        _validate(config)
+    assert "\n" not in str(err.value)
+
+
+def test_mesh_larger_than_the_devices():
+    config = toy_config()
+    config.mesh.data = 4  # 4 x 2 x 2 = 16 > 8 devices
+    with pytest.raises(MeshError, match="use 16 devices but 8 are available"):
+        build_mesh(config.mesh)
+
+
+def test_locked_config_rejects_a_misspelt_key():
+    config = toy_config()
+    config.lock()
+    with pytest.raises(AttributeError, match="lerning_rate"):
+        config.lerning_rate = 1.0
+
+
+def test_parse_arg_types_and_unknown_keys():
+    a = parse_arg("smoke,size=0p5b,steps=3", smoke=False, size="1p5b", steps=10)
+    assert a.smoke is True and a.size == "0p5b" and a.steps == 3
+    with pytest.raises(ValueError, match="'bogus' is unknown"):
+        parse_arg("bogus=1", smoke=False)
+    with pytest.raises(ValueError, match="is not a int"):
+        parse_arg("steps=x", steps=1)
+
+
+@pytest.mark.parametrize(
+    "name", ["shapes_harmon", "shapes_vqrae", "harmon_0p5b", "harmon_1p5b", "vqrae_siglip2"]
+)
+@pytest.mark.parametrize("arg", ["", "smoke"])
+def test_every_config_builds_and_validates(name, arg):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    assert config.get_config_docstring() if hasattr(config, "get_config_docstring") else True
+    assert "python -m unified_mm.main" in module.__doc__
+    family = families.build(config)
+    stages = stages_from_config(config)
+    mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
+    mesh_cfg.update(dict(data=-1, fsdp=1, tensor=1, num_slices=1))
+    # Paper batch sizes are for pods: validate the stage table against its own groups and tasks.
+    family.validate(stages)
+    for s in stages:
+        assert set(s.trainable) <= set(family.param_groups()), s.name
+        assert set(s.task_batch) <= set(family.tasks), s.name
