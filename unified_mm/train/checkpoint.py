@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -64,7 +65,21 @@ def make_manager(
         create=True,
         cleanup_tmp_directories=True,
     )
+    _remove_crashed_saves(directory)
     return ocp.CheckpointManager(directory, options=options)
+
+
+def _remove_crashed_saves(directory: str) -> None:
+    """Deletes the temporary directories a crashed save left behind (process 0, local paths).
+
+    Orbax also cleans them up, but asynchronously; doing it here first makes a restart's view of
+    the directory deterministic."""
+    if _is_remote(directory) or jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if "orbax-checkpoint-tmp" in name:
+            log.warning("removing %s left by an interrupted save", name)
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def save(
