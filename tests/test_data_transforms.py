@@ -118,3 +118,36 @@ def test_random_crop_offsets_vary():
         for s in range(20)
     }
     assert len(starts) > 5
+
+
+def test_multi_turn_packing_fills_padding_with_whole_turns(tok):
+    from unified_mm.data.shapes import ShapesDataset
+    from unified_mm.data.sources import Sample
+
+    ex = ShapesDataset("train", seed=0, image_size=32)[5]
+    sample = Sample(ex.image, ex.caption, ex.qa)
+    image = transforms.ImageTransform(32, "pad")
+    one = transforms.UnderstandingTransform(image, tok, 96, 20)
+    many = transforms.UnderstandingTransform(image, tok, 96, 20, qa_turns=6)
+    a = one(sample, np.random.default_rng(3))
+    b = many(sample, np.random.default_rng(3))
+    n_a, n_b = int(a["attention_mask"].sum()), int(b["attention_mask"].sum())
+    # The first turn is the one-turn sample unchanged; follow-ups only use its padding.
+    assert (b["input_ids"][:n_a] == a["input_ids"][:n_a]).all() and n_b > n_a
+    assert (b["labels"][:n_a] == a["labels"][:n_a]).all()
+    assert (b["input_ids"][n_b:] == tok.pad_id).all() and (b["labels"][n_b:] == IGNORE).all()
+    assert int((b["input_ids"] == tok.image_token_id).sum()) == 20  # one image span only
+    # Every labelled run is one answer of this image's QA followed by <|im_end|>.
+    answers = {ans for _, ans, _ in ex.qa}
+    runs, run = [], []
+    for i, lab in zip(b["input_ids"], b["labels"]):
+        if lab != IGNORE:
+            run.append(int(i))
+        elif run:
+            runs.append(run)
+            run = []
+    assert len(runs) >= 3
+    for r in runs:
+        assert r[-1] == tok.im_end_id and tok.decode(r[:-1]).strip() in answers
+    # Whole turns only: the sequence ends with <|im_end|>\n, never with a cut answer.
+    assert list(b["input_ids"][n_b - 2 : n_b]) == [tok.im_end_id] + tok.encode("\n")

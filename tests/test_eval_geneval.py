@@ -121,15 +121,20 @@ def test_geneval_folder_round_trip(tmp_path):
 
 
 def test_vqa_questions_and_scoring():
-    qs = vqa.heldout_questions(24, image_size=32)
-    assert len(qs) == 24 and {q.qtype for q in qs} == set(QTYPES)
-    again = vqa.heldout_questions(24, image_size=32)
+    qs = vqa.heldout_questions(60, image_size=32)
+    # shapes-VQA is the short-answer types; captioning is asked separately
+    assert len(qs) == 60 and {q.qtype for q in qs} == set(QTYPES) - {"caption"}
+    caps = vqa.heldout_questions(3, image_size=32, qtypes=vqa.CAPTION_TYPES)
+    assert [q.question for q in caps] == ["Describe the image."] * 3
+    with pytest.raises(ValueError, match="subset"):
+        vqa.heldout_questions(3, image_size=32, qtypes=("colour", "weather"))
+    again = vqa.heldout_questions(60, image_size=32)
     assert [(q.question, q.answer) for q in qs] == [(q.question, q.answer) for q in again]
     assert all(q.image.shape == (32, 32, 3) for q in qs)
     answers = [q.answer.upper() + "." if i % 2 == 0 else "wrong" for i, q in enumerate(qs)]
     summary, records = vqa.score_answers(qs, answers)
-    assert summary["overall"] == 0.5 and summary["questions"] == 24
-    assert set(summary) >= set(QTYPES) | {"overall", "mean_per_type"}
+    assert summary["overall"] == 0.5 and summary["questions"] == 60
+    assert set(summary) >= set(vqa.VQA_TYPES) | {"overall", "mean_per_type"}
     assert records[0]["correct"] and not records[1]["correct"]
     assert vqa.normalize_answer("  Two  Red squares. ") == "two red squares"
     with pytest.raises(ValueError):

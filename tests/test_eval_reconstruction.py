@@ -1,4 +1,7 @@
-"""Reconstruction metrics (PSNR, SSIM, codebook use) and the VQRAE reconstruction tool's core."""
+"""Reconstruction metrics (PSNR, SSIM, codebook use), the VQRAE reconstruction tool's core, and
+its CLI on a tiny VQRAE trained by the real trainer (`trained_checkpoints.trained_vqrae`: the smoke
+config's `tokenizer` stage for a few steps, trained once per session; 24-46 s depending on the
+machine's load, nearly all compilation)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from trained_checkpoints import TrainedRun, check_trained, trained_vqrae
 
 from unified_mm.eval.reconstruction import evaluate_reconstruction, uint8_to_unit, unit_to_uint8
 
@@ -79,67 +83,40 @@ def test_reconstruct_images_with_a_tiny_vqrae():
     assert 1.0 <= metrics["code_perplexity"] <= len(np.unique(ids))
 
 
-def test_reconstruct_cli_on_a_vqrae_checkpoint(tmp_path, capsys):
-    """The smoke VQRAE config saved through the trainer's checkpoint code, then the CLI."""
-    import importlib.util
+@pytest.fixture(scope="module")
+def trained_vqrae_run(tmp_path_factory) -> TrainedRun:
+    return trained_vqrae(tmp_path_factory.getbasetemp())
+
+
+def test_vqrae_checkpoint_was_trained(trained_vqrae_run):
+    measured = check_trained(trained_vqrae_run)
+    print(f"trained in {trained_vqrae_run.train_seconds:.1f} s: {measured}")
+
+
+def test_reconstruct_cli_on_a_trained_vqrae_checkpoint(trained_vqrae_run, tmp_path, capsys):
+    """The smoke VQRAE trained a few steps by the real trainer, then the CLI."""
     import json
-    import os
-    import pathlib
 
-    import jax
     from PIL import Image
-    from test_inference_cli import random_params
 
-    from unified_mm import families
     from unified_mm.data.shapes_render import ObjectSpec, render_objects
     from unified_mm.tools import reconstruct
-    from unified_mm.train import checkpoint as ckpt
 
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "shapes_vqrae_cfg", repo / "configs" / "shapes_vqrae.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config("smoke")
-    family = families.build(config)
-    params = random_params(family)
-    manager = ckpt.make_manager(
-        os.path.join(tmp_path, "run", "checkpoints"), save_every=1, keep_last=1, asynchronous=False
-    )
-    stage = config.stage_order[-1]
-    ckpt.save(
-        manager,
-        3,
-        params=params,
-        opt_state={"count": jnp.zeros((), jnp.int32)},
-        ema=None,
-        train={"rng": jnp.zeros((2,), jnp.uint32), "skipped_steps": jnp.zeros((), jnp.int32)},
-        data_state=None,
-        meta={
-            "stage": stage,
-            "stage_index": 0,
-            "stage_step": 3,
-            "global_step": 3,
-            "family": config.family,
-            "config": config.to_json(),
-        },
-        force=True,
-    )
-    manager.wait_until_finished()
-    manager.close()
     paths = []
     for i, shape in enumerate(("circle", "star")):
         p = tmp_path / f"img{i}.png"
         Image.fromarray(render_objects([ObjectSpec(shape, "red", 0.5, 0.5, 0.5)], 48)).save(p)
         paths += ["--image", str(p)]
     out = tmp_path / "recon"
-    rc = reconstruct.main(["--checkpoint", str(tmp_path / "run"), *paths, "--out", str(out)])
+    argv = ["--checkpoint", trained_vqrae_run.workdir, *paths, "--out", str(out)]
+    rc = reconstruct.main(argv)
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     size = summary["image_size"]
-    assert np.asarray(Image.open(out / "img0_recon.png")).shape == (size, size, 3)
+    assert size == 32  # the tokenizer stage's resolution
+    recon = np.asarray(Image.open(out / "img0_recon.png"))
+    assert recon.shape == (size, size, 3) and recon.dtype == np.uint8
     ids = np.load(out / "img1_ids.npy")
-    assert ids.ndim == 2 and ids.dtype == np.int32
+    assert ids.shape == (8, 8) and ids.dtype == np.int32  # 32 px / patch 4
+    assert ids.min() >= 0 and ids.max() < 64
     assert 0 < summary["codebook_utilisation"] <= 1 and np.isfinite(summary["psnr"])
-    del jax

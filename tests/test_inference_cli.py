@@ -1,8 +1,16 @@
-"""CLI smoke tests: text-to-image, image-to-text, evaluate and reconstruct on a tiny checkpoint.
+"""CLI smoke tests: text-to-image, image-to-text and reconstruct on a tiny trained checkpoint.
 
-The checkpoint is the smoke config's Harmon saved through the trainer's checkpoint code at a
-stage boundary (random initial weights: a real smoke training run takes minutes on this CPU), with
-an EMA item that differs from the params so the EMA / --no-ema paths are distinguishable.
+The checkpoint comes from the real trainer (`trained_checkpoints.trained_harmon`: the smoke
+Harmon config cut to its `full` stage, `TRAIN_STEPS` steps, EMA on, a cheap end-of-stage
+evaluation), trained once per session under pytest's base temp: 57 s on two idle CPU cores,
+73-85 s under load, nearly all of it compilation (the whole file: ~80 s idle, 100-115 s loaded).
+`test_checkpoint_was_trained` asserts the weights really are trained (step > 0, the i2t loss
+falls, weights change between checkpoints, EMA != params), so these tests cannot silently go back
+to random weights.
+
+The random-weight checkpoint helpers below (`make_tiny_checkpoint`, `random_params`,
+`random_model`) are no longer used here; test_eval_suite.py, test_export.py and
+test_eval_reconstruction.py import them.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from trained_checkpoints import TRAIN_STEPS, TrainedRun, check_trained, trained_harmon
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The random-weight checkpoint of `make_tiny_checkpoint` (imported by other test files).
 STEP = 4
 EMA_OFFSET = 1e-3
 
@@ -100,10 +110,18 @@ def make_tiny_checkpoint(workdir: str, *, step: int = STEP, stage: str = "full")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_ckpt")
-    make_tiny_checkpoint(str(d))
-    return str(d)
+def trained(tmp_path_factory) -> TrainedRun:
+    return trained_harmon(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def workdir(trained) -> str:
+    return trained.workdir
+
+
+def test_checkpoint_was_trained(trained):
+    measured = check_trained(trained)
+    print(f"trained in {trained.train_seconds:.1f} s: {measured}")
 
 
 def _err(capsys) -> str:
@@ -162,7 +180,7 @@ def test_text_to_image_writes_pngs_and_metadata(workdir, tmp_path, capsys):
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8  # the "full" stage is 32 px
     meta = json.loads((out / "00001_02.json").read_text())
     assert meta["prompt"] == "two blue squares" and meta["sample"] == 2 and meta["seed"] == 5
-    assert meta["step"] == STEP and meta["ema"] is True
+    assert meta["step"] == TRAIN_STEPS and meta["ema"] is True
     assert {"num_iter", "cfg", "cfg_schedule", "temperature", "image_size"} <= set(meta)
     # same seed -> same images; samples of one prompt differ from each other
     out2 = tmp_path / "t2i_again"

@@ -13,6 +13,8 @@ Fields (all validated by `validate_data_config`):
   crop              square crop of t2i / image tasks: "center" | "random" | "pad"
   und_crop          square crop of i2t: "pad" (Harmon's expand2square) by default
   caption_question  question of understanding samples built from caption-only records
+  qa_turns          question-answer turns per understanding sample (1: Harmon's layout; more
+                    pack follow-up questions about the same image into the static length)
   workers           Grain worker processes (0: in-process threads only)
   threads           Grain read threads per process
   prefetch          steps buffered per process (float32 images: 64 x 512 px is 200 MB a step)
@@ -56,6 +58,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.crop = "random"
     c.und_crop = "pad"
     c.caption_question = templates.CAPTION_QUESTION
+    c.qa_turns = 1
     c.workers = 0
     c.threads = 4
     c.prefetch = 4
@@ -142,6 +145,7 @@ def validate_data_config(
         "image_tokens",
         "prefetch",
         "min_records_for_check",
+        "qa_turns",
     ):
         _check_range(data_cfg, field, 1)
     for field in ("workers", "threads", "max_retries"):

@@ -253,6 +253,7 @@ def _transform(
             data_cfg.max_und_len,
             data_cfg.image_tokens,
             data_cfg.caption_question,
+            int(data_cfg.qa_turns),
         )
     return ImageOnlyTransform(ImageTransform(image_size, data_cfg.crop))
 

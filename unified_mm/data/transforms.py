@@ -23,7 +23,7 @@ answer still ends with <|im_end|>.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -221,6 +221,37 @@ def encode_understanding(
     }
 
 
+def append_turns(
+    tokenizer: Tokenizer,
+    enc: dict[str, np.ndarray],
+    turns: Sequence[tuple[str, str]],
+) -> dict[str, np.ndarray]:
+    """Adds follow-up question/answer turns (no image) after a one-turn understanding sample.
+
+    Each turn is `<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n`
+    with labels on the answer and its `<|im_end|>`, the layout of a multi-turn chat. Turns that
+    do not fit into the static length are dropped whole, so no answer is ever cut.
+    """
+    suffix_ids = tokenizer.encode(templates.SUFFIX)
+    sep_ids = tokenizer.encode(templates.SEP)
+    input_ids, mask, labels = enc["input_ids"].copy(), enc["attention_mask"].copy(), enc["labels"]
+    labels = labels.copy()
+    used = int(mask.sum())
+    max_len = input_ids.shape[0]
+    for question, answer in turns:
+        prompt = tokenizer.encode(templates.INSTRUCTION.format(input=question))
+        ans = tokenizer.encode(answer)
+        ids = prompt + ans + suffix_ids + sep_ids
+        if used + len(ids) > max_len:
+            break
+        lab = [IGNORE_LABEL] * len(prompt) + ans + suffix_ids + [IGNORE_LABEL] * len(sep_ids)
+        input_ids[used : used + len(ids)] = ids
+        mask[used : used + len(ids)] = 1
+        labels[used : used + len(ids)] = lab
+        used += len(ids)
+    return {**enc, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 def pick_question(
     sample: Sample, rng: np.random.Generator, caption_question: str
 ) -> tuple[str, str]:
@@ -271,6 +302,10 @@ class UnderstandingTransform:
     image_tokens: int
     caption_question: str = templates.CAPTION_QUESTION
 
+    # >1 packs follow-up questions about the same image into the padding of the static length
+    # (multi-turn chat); 1 is Harmon's one question per sample.
+    qa_turns: int = 1
+
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict[str, np.ndarray]:
         question, answer = pick_question(sample, rng, self.caption_question)
         enc = encode_understanding(
@@ -281,6 +316,17 @@ class UnderstandingTransform:
             max_len=self.max_und_len,
         )
         del enc["prompt_len"]
+        if self.qa_turns > 1 and sample.qa:
+            asked = {question}
+            follow_ups = []
+            for _ in range(4 * self.qa_turns):
+                if len(follow_ups) == self.qa_turns - 1:
+                    break
+                q, a = pick_question(sample, rng, self.caption_question)
+                if q not in asked:
+                    asked.add(q)
+                    follow_ups.append((q, a))
+            enc = append_turns(self.tokenizer, enc, follow_ups)
         return {"image": self.image(sample.image, rng), **enc}
 
 

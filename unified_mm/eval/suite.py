@@ -166,6 +166,19 @@ def evaluate_harmon(
         seed=seed,
     )
     report["vqa"] = vqa_summary
+    # Captioning ("Describe the image.") is scored on its own, not inside the VQA score.
+    caption_summary, _ = vqa.evaluate_vqa(
+        answer,
+        family.tokenizer,
+        num_questions=max(1, int(_get(ev, "vqa_questions", 100)) // len(vqa.VQA_TYPES)),
+        image_size=image_size,
+        seed=seed,
+        qtypes=vqa.CAPTION_TYPES,
+    )
+    report["captioning"] = {
+        "exact_match": caption_summary["overall"],
+        "questions": caption_summary["questions"],
+    }
     seconds["vqa"] = time.perf_counter() - t
 
     # -- FID (only with a user-given Inception file)
@@ -245,6 +258,12 @@ def format_table(report: dict) -> str:
         "  shapes-VQA         overall {:.3f} | ".format(q.get("overall", float("nan")))
         + " ".join(f"{t} {q[t]:.2f}" for t in QTYPES if t in q),
     ]
+    if "captioning" in report:
+        lines.append(
+            "  caption exact match {:.3f} ({} held-out images)".format(
+                report["captioning"]["exact_match"], report["captioning"]["questions"]
+            )
+        )
     f = report.get("fid", {})
     lines.append(
         f"  FID                {f['fid']:.2f} ({f['images']} images)"

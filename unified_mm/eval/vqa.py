@@ -1,9 +1,13 @@
 """shapes-VQA: exact-match accuracy on held-out questions, per question type.
 
 Questions come from held-out examples of the shapes dataset (`split="heldout"`: every image holds
-a (shape, colour) pair never seen in training). Types are taken in turn (`shapes.QTYPES`: colour,
-count, exist, shape, position, caption) so each is about equally represented; an example that has
-no question of the type due gives the next type it has.
+a (shape, colour) pair never seen in training). Types are taken in turn so each is about equally
+represented; an example that has no question of the type due gives the next type it has.
+
+shapes-VQA is the short-answer types (`VQA_TYPES`: colour, count, exist, shape, position), like
+VQAv2/GQA. "Describe the image." is captioning, not a question with one short answer (a
+two-group caption may name its groups in either order), so its exact match is reported on its
+own (`qtypes=CAPTION_TYPES`) and is not part of the VQA score.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import numpy as np
 
 from unified_mm.data.shapes import QTYPES, ShapesDataset
 
+CAPTION_TYPES: tuple[str, ...] = ("caption",)
+VQA_TYPES: tuple[str, ...] = tuple(t for t in QTYPES if t not in CAPTION_TYPES)
+
 
 @dataclasses.dataclass(frozen=True)
 class Question:
@@ -28,11 +35,19 @@ class Question:
 
 
 def heldout_questions(
-    n: int, *, image_size: int, seed: int = 0, split: str = "heldout"
+    n: int,
+    *,
+    image_size: int,
+    seed: int = 0,
+    split: str = "heldout",
+    qtypes: Sequence[str] = VQA_TYPES,
 ) -> list[Question]:
-    """`n` questions, one per example, question types in turn."""
+    """`n` questions, one per example, the types of `qtypes` in turn."""
     if n < 1:
         raise ValueError(f"number of VQA questions must be >= 1, got {n}")
+    unknown = [t for t in qtypes if t not in QTYPES]
+    if unknown or not qtypes:
+        raise ValueError(f"question types {list(qtypes)} must be a non-empty subset of {QTYPES}")
     ds = ShapesDataset(split, seed=seed, image_size=image_size)
     out = []
     for i in range(n):
@@ -40,11 +55,14 @@ def heldout_questions(
         by_type = collections.defaultdict(list)
         for q, a, t in ex.qa:
             by_type[t].append((q, a))
-        for k in range(len(QTYPES)):
-            qtype = QTYPES[(i + k) % len(QTYPES)]
+        qtype = None
+        for k in range(len(qtypes)):
+            qtype = qtypes[(i + k) % len(qtypes)]
             if by_type.get(qtype):
                 break
         pool = by_type[qtype]
+        if not pool:
+            raise ValueError(f"held-out example {i} has no question of types {list(qtypes)}")
         rng = np.random.default_rng((seed, 0x7A5, i))
         q, a = pool[int(rng.integers(len(pool)))]
         out.append(Question(ex.image, q, a, qtype, i))
@@ -95,9 +113,10 @@ def evaluate_vqa(
     num_questions: int,
     image_size: int,
     seed: int = 0,
+    qtypes: Sequence[str] = VQA_TYPES,
 ) -> tuple[dict, list[dict]]:
     """Asks `answer_fn(images, questions, max_new_tokens)` the held-out questions and scores them."""
-    questions = heldout_questions(num_questions, image_size=image_size, seed=seed)
+    questions = heldout_questions(num_questions, image_size=image_size, seed=seed, qtypes=qtypes)
     answers = answer_fn(
         [q.image for q in questions],
         [q.question for q in questions],
