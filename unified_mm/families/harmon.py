@@ -167,28 +167,10 @@ class HarmonFamily(ModelFamily):
         )
 
     def abstract_batch(self, stage: StageSpec, batch_per_task):
+        from unified_mm.data.batch_spec import abstract_task_batch
+
         data = stage_data_config(self.config.data, stage)
-        f32, i32 = jnp.float32, jnp.int32
-        sds = jax.ShapeDtypeStruct
-        out = {}
-        for task, n in batch_per_task.items():
-            image = sds((n, stage.image_size, stage.image_size, 3), f32)
-            if task == "t2i":
-                t = int(data.max_text_len)
-                out[task] = {
-                    "image": image,
-                    "input_ids": sds((n, t), i32),
-                    "attention_mask": sds((n, t), i32),
-                }
-            elif task == "i2t":
-                t = int(data.max_und_len)
-                out[task] = {
-                    "image": image,
-                    "input_ids": sds((n, t), i32),
-                    "attention_mask": sds((n, t), i32),
-                    "labels": sds((n, t), i32),
-                }
-        return out
+        return abstract_task_batch(data, stage.image_size, batch_per_task)
 
     # -- losses --------------------------------------------------------------------------------
     def loss(self, model: Harmon, batch, key, *, step, stage: StageSpec):

@@ -145,31 +145,11 @@ class VQRAEFamily(ModelFamily):
         )
 
     def abstract_batch(self, stage: StageSpec, batch_per_task):
+        from unified_mm.data.batch_spec import abstract_task_batch
         from unified_mm.data.config import with_overrides
 
         data = with_overrides(self.config.data, stage.data)
-        sds, i32 = jax.ShapeDtypeStruct, jnp.int32
-        out = {}
-        for task, n in batch_per_task.items():
-            image = sds((n, stage.image_size, stage.image_size, 3), jnp.float32)
-            if task == "image":
-                out[task] = {"image": image}
-            elif task == "t2i":
-                t = int(data.max_text_len)
-                out[task] = {
-                    "image": image,
-                    "input_ids": sds((n, t), i32),
-                    "attention_mask": sds((n, t), i32),
-                }
-            elif task == "i2t":
-                t = int(data.max_und_len)
-                out[task] = {
-                    "image": image,
-                    "input_ids": sds((n, t), i32),
-                    "attention_mask": sds((n, t), i32),
-                    "labels": sds((n, t), i32),
-                }
-        return out
+        return abstract_task_batch(data, stage.image_size, batch_per_task)
 
     # -- losses --------------------------------------------------------------------------------
     def loss(self, model: VQRAEUnified, batch, key, *, step, stage: StageSpec):

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from unified_mm.tools.cli import add_checkpoint_args, run_cli
+
 
 def read_image(path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
@@ -39,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m unified_mm.tools.image_to_text",
         description="Answer a prompt about each image with a Harmon checkpoint.",
     )
-    ap.add_argument("--checkpoint", required=True, help="training work directory or export dir")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
+    add_checkpoint_args(ap)
     ap.add_argument("--image", action="append", required=True, help="image path (repeatable)")
     ap.add_argument("--prompt", default="Describe the image.", help="question asked of every image")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -114,13 +114,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from unified_mm.eval.reconstruction import evaluate_reconstruction, uint8_to_unit, unit_to_uint8
+from unified_mm.tools.cli import add_checkpoint_args, run_cli
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -87,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m unified_mm.tools.reconstruct",
         description="Reconstruct images with a VQRAE checkpoint; writes images and code ids.",
     )
-    ap.add_argument("--checkpoint", required=True, help="training work directory or export dir")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
+    add_checkpoint_args(ap)
     ap.add_argument("--image", action="append", required=True, help="image path (repeatable)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--image-size", type=int, default=None, help="input resolution")
@@ -139,13 +138,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

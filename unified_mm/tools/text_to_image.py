@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from unified_mm.tools.cli import add_checkpoint_args, run_cli
+
 
 def read_prompt_file(path: str) -> list[dict]:
     """Prompt records ({"prompt": str, ...}) from .txt / .json / .jsonl."""
@@ -58,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m unified_mm.tools.text_to_image",
         description="Generate images from text prompts with a Harmon checkpoint.",
     )
-    ap.add_argument("--checkpoint", required=True, help="training work directory or export dir")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
+    add_checkpoint_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts", default=None, help="prompt file: .txt, .json or .jsonl")
     ap.add_argument("--out", required=True, help="output folder")
@@ -170,13 +170,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
