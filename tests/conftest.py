@@ -29,3 +29,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "tpu_backend" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """CLIs under test call `logging.basicConfig(stream=sys.stdout, force=True)` while pytest's
+    capture stands in for sys.stdout; once that capture is closed, every later log record of the
+    worker would print a "--- Logging error ---" block. Each test gets the handlers back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

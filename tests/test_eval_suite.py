@@ -97,7 +97,8 @@ def test_format_table_and_helpers():
     table = format_table(report)
     assert "NOT meaningful" in table and "single 0.50" in table and "skipped: no weights" in table
     config = smoke_config()
-    assert checkpoint_stage(config, {"stage": "hires"}).image_size == 64
+    assert checkpoint_stage(config, {"stage": "hires"}).image_size == config.stages.hires.image_size
+    assert checkpoint_stage(config, {"stage": "align"}).image_size == config.stages.align.image_size
     assert checkpoint_stage(config, {}).name == config.stage_order[-1]
     ev = apply_overrides(
         config.eval, {"cfg": 1.5, "vqa_questions": None, "fid_inception_path": "x"}
