@@ -5,9 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn as tnn
-import torch.nn.functional as F
 from flax import nnx
 
 from unified_mm.models.vqrae import encoder_convert as ec
@@ -18,6 +15,10 @@ from unified_mm.models.vqrae.discriminator import (
     SNConv1d,
     diffaug,
 )
+
+torch = pytest.importorskip("torch", reason="torch references need the 'convert' extra")
+tnn = torch.nn
+F = torch.nn.functional
 
 D, HEADS, LAYERS, PATCH, SIZE = 16, 2, 3, 8, 32
 

@@ -11,14 +11,15 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from unified_mm.models.vqrae import encoder_convert as ec
 from unified_mm.models.vqrae.dinov2 import Dinov2RegEncoder
 from unified_mm.models.vqrae.resize import resize
 from unified_mm.models.vqrae.siglip import SiglipVisionEncoder
+
+torch = pytest.importorskip("torch", reason="torch references need the 'convert' extra")
+F = torch.nn.functional
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for parity tests")
 

@@ -3,8 +3,6 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn as tnn
 from flax import nnx
 
 from unified_mm.models.vqrae.lpips import (
@@ -12,6 +10,9 @@ from unified_mm.models.vqrae.lpips import (
     lpips_params_from_torch,
     save_lpips_npz,
 )
+
+torch = pytest.importorskip("torch", reason="torch references need the 'convert' extra")
+tnn = torch.nn
 
 CHANNELS = (8, 12, 16, 16, 16)  # reduced VGG16 widths: same 13-conv / 4-pool topology
 _CFG = [0, 0, "M", 1, 1, "M", 2, 2, 2, "M", 3, 3, 3, "M", 4, 4, 4]
