@@ -15,6 +15,10 @@ Departures from the official settings, each measured on this CPU (numbers in REA
   1/sqrt(alpha_bar) ~ 1e4 at t = T amplifies the young head's epsilon error: samples of a head
   trained 300 steps with an oracle condition reached values ~1e3 (cosine) against ~1 (linear),
   whose training loss was also half as large.
+* The sampler clips its predicted x_0 to the pixel range [-1, 1] (guided-diffusion's
+  `clip_denoised`; MAR passes False because latents are unbounded). Overfitting four images for
+  300 steps, the samples' pixel MSE fell from 0.99 to 0.30 with it (temperature 1.0): unclipped,
+  single over-bright tokens were drawn as white squares.
 * Understanding samples pack up to 6 question-answer turns about the same image into the
   static length (`data.qa_turns`; Harmon's layout is one turn), and the understanding gradient
   reaches the MAR encoder unscaled (`grad_scale` 1.0; the official 0.1 protects a pretrained
@@ -69,6 +73,7 @@ def model_config(smoke: bool) -> ml_collections.ConfigDict:
                 num_sampling_steps="20",
                 train_diffusion_steps=1000,
                 noise_schedule="linear",
+                clip_denoised=1.0,
                 diffusion_batch_mul=4,
                 learn_sigma=True,
                 grad_checkpointing=False,

@@ -258,3 +258,24 @@ def test_mar_pos_embed_splits_buffers_first(tiny):
     np.testing.assert_allclose(
         out[nb:], np.asarray(resize_pos_embed(jnp.asarray(table[nb:]), (4, 4), (8, 8)))
     )
+
+
+def test_clip_denoised_bounds_the_predicted_x0_and_defaults_to_mar():
+    from unified_mm.models.harmon import diffusion as gdiff
+
+    s = gdiff.make_schedule("10", noise_schedule="cosine", diffusion_steps=1000)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    out = jnp.asarray(rng.normal(size=(6, 8)) * 3, jnp.float32)  # eps far from x: x_0 explodes
+    t = jnp.full((6,), 9, jnp.int32)
+    official = gdiff.p_mean_variance(s, out, x, t)
+    clipped = gdiff.p_mean_variance(s, out, x, t, 1.0)
+    assert float(jnp.abs(official["pred_xstart"]).max()) > 10.0
+    assert float(jnp.abs(clipped["pred_xstart"]).max()) <= 1.0
+    assert jnp.array_equal(official["log_variance"], clipped["log_variance"])
+    # where x_0 is inside the bound the two agree exactly (t = 0: x_0 is about x_t)
+    t0 = jnp.zeros((6,), jnp.int32)
+    small = gdiff.p_mean_variance(s, jnp.zeros_like(out), 0.1 * x, t0, 1.0)
+    same = gdiff.p_mean_variance(s, jnp.zeros_like(out), 0.1 * x, t0)
+    assert float(jnp.abs(same["pred_xstart"]).max()) < 1.0
+    assert jnp.array_equal(small["mean"], same["mean"])

@@ -122,6 +122,9 @@ class DiffLossConfig:
     num_sampling_steps: str = "100"
     train_diffusion_steps: int = 1000
     noise_schedule: str = "cosine"
+    # None: MAR's unclipped sampler. c: predicted x_0 clipped to [-c, c] while sampling (bounded
+    # targets such as pixel-patch tokens; training is unaffected).
+    clip_denoised: float | None = None
     remat: bool = False
     dtype: str = "float32"
 
@@ -320,7 +323,9 @@ class DiffLoss(nnx.Module):
             def model_fn(x, t):
                 return self.net(x, t, z)
 
-        return gd.p_sample_loop(s, model_fn, x_init, step_noise, temperature)
+        return gd.p_sample_loop(
+            s, model_fn, x_init, step_noise, temperature, self.cfg.clip_denoised
+        )
 
     def draw_sample_noise(
         self, key: jax.Array, n: int, *, use_cfg: bool

@@ -160,9 +160,18 @@ def q_posterior(s: DiffusionSchedule, x0: jax.Array, xt: jax.Array, t: jax.Array
 
 
 def p_mean_variance(
-    s: DiffusionSchedule, model_out: jax.Array, x: jax.Array, t: jax.Array
+    s: DiffusionSchedule,
+    model_out: jax.Array,
+    x: jax.Array,
+    t: jax.Array,
+    clip_denoised: float | None = None,
 ) -> dict[str, jax.Array]:
-    """Learned-range variance + epsilon prediction, no clipping (clip_denoised=False)."""
+    """Learned-range variance + epsilon prediction.
+
+    clip_denoised: None is MAR's `clip_denoised=False` (latents are unbounded); a value c clips
+    the predicted x_0 to [-c, c] before the posterior mean, guided-diffusion's option for
+    bounded (pixel) data.
+    """
     c = x.shape[-1]
     eps, v = model_out[:, :c], model_out[:, c:]
     min_log = _at(s, "posterior_log_variance_clipped", t)
@@ -172,6 +181,8 @@ def p_mean_variance(
     pred_x0 = (
         _at(s, "sqrt_recip_alphas_cumprod", t) * x - _at(s, "sqrt_recipm1_alphas_cumprod", t) * eps
     )
+    if clip_denoised is not None:
+        pred_x0 = jnp.clip(pred_x0, -clip_denoised, clip_denoised)
     mean = _at(s, "posterior_mean_coef1", t) * pred_x0 + _at(s, "posterior_mean_coef2", t) * x
     return {"mean": mean, "log_variance": log_var, "pred_xstart": pred_x0}
 
@@ -183,10 +194,11 @@ def p_sample(
     t: jax.Array,
     noise: jax.Array,
     temperature: float | jax.Array = 1.0,
+    clip_denoised: float | None = None,
 ) -> dict[str, jax.Array]:
     """x_{t-1} = mean + [t != 0] exp(log_var / 2) * noise * temperature (temperature scales
     only this per-step noise, harmon_mar.md pitfall 7)."""
-    out = p_mean_variance(s, model_out, x, t)
+    out = p_mean_variance(s, model_out, x, t, clip_denoised)
     nonzero = (t != 0).astype(jnp.float32)[:, None]
     sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise * temperature
     return {**out, "sample": sample}
@@ -198,6 +210,7 @@ def p_sample_loop(
     init_noise: jax.Array,
     step_noise: jax.Array | Callable[[jax.Array], jax.Array],
     temperature: float | jax.Array = 1.0,
+    clip_denoised: float | None = None,
 ) -> jax.Array:
     """Ancestral sampler over all respaced steps, as one `lax.fori_loop`.
 
@@ -216,7 +229,7 @@ def p_sample_loop(
         t = jnp.full((n,), i, jnp.int32)
         out = model_fn(x, tmap[t]).astype(jnp.float32)
         noise = step_noise(k) if callable(step_noise) else step_noise[k]
-        return p_sample(s, out, x, t, noise, temperature)["sample"]
+        return p_sample(s, out, x, t, noise, temperature, clip_denoised)["sample"]
 
     return jax.lax.fori_loop(0, n_steps, body, init_noise.astype(jnp.float32))
 
