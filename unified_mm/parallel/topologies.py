@@ -151,9 +151,9 @@ def parse_topology(name: str, num_slices: int | None = None) -> Topology:
         # A full 16-chip row or column closes into a ring (as the 128/256-chip pods do).
         wrap = (shape[0] == 16, shape[1] == 16, False)
     else:
-        if chips < 4 and chips != 1:
-            raise ValueError(f"{name}: the smallest {gen} slice has 4 chips")
-        shape = (1, 1, 1) if chips == 1 else _grid_3d(chips)
+        if chips < 4:
+            raise ValueError(f"{name}: the smallest {gen} slice is {gen}-8 (4 chips)")
+        shape = _grid_3d(chips)
         full_cube = all(d >= 4 for d in shape)
         wrap = (full_cube, full_cube, full_cube)
     slices = int(num_slices or (int(prefix_slices) if prefix_slices else 1))

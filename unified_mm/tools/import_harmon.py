@@ -67,7 +67,8 @@ def import_checkpoint(
     if needed <= covered:  # everything comes from the files: skip the (slow) random init
         params = jax.tree.map(
             lambda a, s: jax.device_put(jnp.zeros(a.shape, a.dtype), s),
-            layout.abstract_params, layout.param_shardings,
+            layout.abstract_params,
+            layout.param_shardings,
         )
     else:
         params = init_params(family, layout, mesh, rules, config.seed)

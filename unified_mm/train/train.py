@@ -202,7 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             session_first_step = stage_step
             first_step_done = False
             previous_step = None  # (metrics, global step) of the step dispatched before
-            with jax.set_mesh(mesh):
+            # The rules make the models' activation constraints (nn.with_logical_constraint)
+            # real while the step is traced: without them XLA replicates activations over the
+            # batch axes (Harmon-1.5B align, v5p-64, 5 per chip: 26.9 -> 4.4 GiB temporaries).
+            with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
                 while stage_step < stage.steps:
                     if preempt.requested or manager.reached_preemption(global_step):
                         _save(

@@ -17,6 +17,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +92,12 @@ def make_stack(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rng
         return make(r)
 
     return create(rngs)
+
+
+def shard_rows(x: jax.Array) -> jax.Array:
+    """Shards DiffLoss rows (tokens x diffusion_batch_mul) over the batch axes. Without it XLA
+    replicated every row tensor on every device: [rows of the global batch, width] per chip."""
+    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
 
 
 def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, *, remat: bool = False):
@@ -228,9 +235,11 @@ class SimpleMLPAdaLN(nnx.Module):
 
     def __call__(self, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
         """x [N, C] (x_t), t [N] original timesteps, c [N, D] -> [N, 2C] float32 = [eps | v]."""
-        h = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
-        h = scan_stack(self.res_blocks, lambda blk, h, _: blk(h, y), h, remat=self.cfg.remat)
+        h = shard_rows(self.input_proj(x))
+        y = shard_rows(self.time_embed(t) + self.cond_embed(c))
+        h = scan_stack(
+            self.res_blocks, lambda blk, h, _: shard_rows(blk(h, y)), h, remat=self.cfg.remat
+        )
         return self.final_layer(h, y).astype(jnp.float32)
 
     def forward_with_cfg(
@@ -269,7 +278,9 @@ class DiffLoss(nnx.Module):
     def draw_t_noise(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         kt, kn = jax.random.split(key)
         t = jax.random.randint(kt, (n,), 0, self.cfg.train_schedule.num_timesteps, jnp.int32)
-        return t, jax.random.normal(kn, (n, self.cfg.token_dim), jnp.float32)
+        return shard_rows(t), shard_rows(
+            jax.random.normal(kn, (n, self.cfg.token_dim), jnp.float32)
+        )
 
     def __call__(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -164,6 +165,16 @@ class ViTBlock(nnx.Module):
         return x + h
 
 
+_ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _constrain(x: Array) -> Array:
+    """Keeps [B, N, D] activations sharded over the batch axes between blocks: without it XLA
+    gathered the global batch on every chip (VQRAE-SigLIP2 tokenizer, v6e-64, 1 image per chip:
+    78.4 GiB of temporaries, 2.9 GiB with it)."""
+    return nn.with_logical_constraint(x, _ACT_AXES) if x.ndim == 3 else x
+
+
 class BlockStack(nnx.Module):
     """`depth` copies of a block with parameters stacked on a leading "layers" axis, run by lax.scan."""
 
@@ -203,16 +214,17 @@ class BlockStack(nnx.Module):
             state = jax.tree.map(lambda a: a[:n], state)
 
         def body(h: Array, layer_state) -> tuple[Array, None]:
-            return nnx.merge(graphdef, layer_state)(h), None
+            return _constrain(nnx.merge(graphdef, layer_state)(h)), None
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, _constrain(x), state)
         return x
 
     def outputs(self, x: Array, layers: Sequence[int]) -> list[Array]:
         """Block outputs after each 1-based layer count in `layers` (increasing), e.g. (3, 6, 9, 12)."""
         outs, done = [], 0
+        x = _constrain(x)
         for n in layers:
             if n < done:
                 raise ValueError(f"BlockStack.outputs: layers must increase, got {tuple(layers)}")
@@ -220,7 +232,7 @@ class BlockStack(nnx.Module):
             part = jax.tree.map(lambda a, lo=done, hi=n: a[lo:hi], state)
 
             def body(h: Array, layer_state, gd=graphdef) -> tuple[Array, None]:
-                return nnx.merge(gd, layer_state)(h), None
+                return _constrain(nnx.merge(gd, layer_state)(h)), None
 
             if n > done:
                 x, _ = jax.lax.scan(body, x, part)
