@@ -1,4 +1,4 @@
-"""The evaluation suite on a tiny checkpoint: the report schema (through the CLI), the log table,
+"""The evaluation suite on a tiny trained checkpoint: the report schema (through the CLI), the log table,
 stage and override resolution."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import pathlib
 
 import numpy as np
 import pytest
-from test_inference_cli import STEP, make_tiny_checkpoint
+from trained_checkpoints import TRAIN_STEPS, trained_harmon
+
+STEP = TRAIN_STEPS
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_ckpt_eval")
-    make_tiny_checkpoint(str(d))
-    return str(d)
+    # The checkpoint the real trainer trained (shared with test_inference_cli in one worker).
+    return trained_harmon(tmp_path_factory.getbasetemp()).workdir
 
 
 def _err(capsys) -> str:
