@@ -166,6 +166,15 @@ class ForkServer:
                 self._proc.wait()
 
 
+def run_reference(server: ForkServer, workdir, overrides: Mapping[str, Any]) -> str:
+    """One uninterrupted run in `workdir` (its compilations fill the server's cache for the
+    interrupted runs that follow); fails with the log's tail when it does not exit 0."""
+    log = os.path.join(str(workdir), "life.log")
+    rc = server.run(log, workdir=str(workdir), overrides=overrides)
+    assert rc == 0, read_log(log)[-3000:]
+    return str(workdir)
+
+
 def read_log(path: str) -> str:
     with open(path, errors="replace") as f:
         return f.read()

@@ -24,6 +24,7 @@ from reliability_helpers import (
     raw_metric_rows,
     read_log,
     restore_items,
+    run_reference,
 )
 
 STEPS = (6, 14)  # stage boundary at step 6
@@ -54,8 +55,7 @@ def server(tmp_path_factory):
 def reference(server, tmp_path_factory):
     """The uninterrupted run (also fills the compilation cache the kill lives reuse)."""
     workdir = tmp_path_factory.mktemp("reference")
-    rc = server.run(str(workdir / "life.log"), workdir=str(workdir), overrides=BASE)
-    assert rc == 0, read_log(str(workdir / "life.log"))[-3000:]
+    run_reference(server, workdir, BASE)
     return workdir
 
 

@@ -10,7 +10,13 @@ import signal
 import time
 
 import pytest
-from reliability_helpers import ForkServer, checkpoint_listing, raw_metric_rows, read_log
+from reliability_helpers import (
+    ForkServer,
+    checkpoint_listing,
+    raw_metric_rows,
+    read_log,
+    run_reference,
+)
 
 BASE = {
     "stages.head_only.steps": 6,
@@ -31,8 +37,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    rc = server.run(str(workdir / "life.log"), workdir=str(workdir), overrides=BASE)
-    assert rc == 0, read_log(str(workdir / "life.log"))[-3000:]
+    run_reference(server, workdir, BASE)
     return {r["step"]: r for r in raw_metric_rows(str(workdir))}
 
 
