@@ -76,6 +76,9 @@ def harmon_config_from(model_cfg: ml_collections.ConfigDict, tokenizer=None) -> 
 
 class HarmonFamily(ModelFamily):
     tasks = ("t2i", "i2t")
+    # None: a mask ratio drawn per step (training); a value fixes it (benchmarks that must match
+    # a workload specification).
+    t2i_mask_ratio: float | None = None
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -180,7 +183,14 @@ class HarmonFamily(ModelFamily):
         if "t2i" in batch:
             b = batch["t2i"]
             loss, m = model.t2i_loss(
-                b["image"], b["input_ids"], b["attention_mask"], k_t2i, deterministic=False
+                b["image"],
+                b["input_ids"],
+                b["attention_mask"],
+                k_t2i,
+                deterministic=False,
+                mask_ratio=None
+                if self.t2i_mask_ratio is None
+                else jnp.float32(self.t2i_mask_ratio),
             )
             total += stage.loss_weights.get("t2i", 1.0) * loss
             metrics.update({"loss/t2i": loss, "t2i/mse": m["mse"], "t2i/vb": m["vb"]})

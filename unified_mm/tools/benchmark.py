@@ -236,35 +236,11 @@ def _bench_family(model_cfg, mask_ratio: float):
     class BenchHarmon(HarmonFamily):
         """HarmonFamily without a data pipeline, the t2i mask ratio fixed (bench rule)."""
 
+        t2i_mask_ratio = float(mask_ratio)
+
         def __init__(self):
             ModelFamily.__init__(self, ml_collections.ConfigDict())
             self.model_cfg = model_cfg
-
-        def loss(self, model, batch, key, *, step, stage):
-            import jax.numpy as jnp
-
-            if "t2i" in batch:
-                b = batch["t2i"]
-                loss, _ = model.t2i_loss(
-                    b["image"],
-                    b["input_ids"],
-                    b["attention_mask"],
-                    key,
-                    deterministic=False,
-                    mask_ratio=jnp.float32(mask_ratio),
-                )
-            else:
-                b = batch["i2t"]
-                loss, _ = model.i2t_loss(
-                    b["image"],
-                    b["input_ids"],
-                    b["attention_mask"],
-                    b["labels"],
-                    key,
-                    deterministic=False,
-                    grad_scale=model_cfg.grad_scale,
-                )
-            return loss, {}
 
     return BenchHarmon()
 
