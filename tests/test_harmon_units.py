@@ -279,3 +279,78 @@ def test_clip_denoised_bounds_the_predicted_x0_and_defaults_to_mar():
     same = gdiff.p_mean_variance(s, jnp.zeros_like(out), 0.1 * x, t0)
     assert float(jnp.abs(same["pred_xstart"]).max()) < 1.0
     assert jnp.array_equal(small["mean"], same["mean"])
+
+
+def test_v_prediction_matches_epsilon_prediction_of_the_same_network():
+    """A v-network and the epsilon-network it implies give the same posterior, loss target
+    relation and variance; MAR's default stays epsilon and unknown kinds are refused."""
+    from unified_mm.models.harmon import diffusion as gdiff
+
+    s_eps = gdiff.make_schedule("10", noise_schedule="linear", diffusion_steps=1000)
+    s_v = gdiff.make_schedule("10", noise_schedule="linear", diffusion_steps=1000, prediction="v")
+    assert s_eps.prediction == "epsilon" and s_v.prediction == "v"
+    rng = np.random.default_rng(1)
+    n, c = 8, 5
+    x0 = jnp.asarray(rng.uniform(-1, 1, size=(n, c)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=(n, c)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 10, size=n), jnp.int32)
+    ab = jnp.asarray(s_v.alphas_cumprod[np.asarray(t)], jnp.float32)[:, None]
+    x_t = gdiff.q_sample(s_v, x0, t, noise)
+    v_true = jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
+    # the true v means the true epsilon
+    np.testing.assert_allclose(
+        np.asarray(gdiff.epsilon_from_output(s_v, v_true, x_t, t)), np.asarray(noise), atol=1e-5
+    )
+    var = jnp.asarray(rng.uniform(-1, 1, size=(n, c)), jnp.float32)
+    from_v = gdiff.p_mean_variance(s_v, jnp.concatenate([v_true, var], -1), x_t, t)
+    from_eps = gdiff.p_mean_variance(s_eps, jnp.concatenate([noise, var], -1), x_t, t)
+    for k in ("mean", "log_variance", "pred_xstart"):
+        np.testing.assert_allclose(np.asarray(from_v[k]), np.asarray(from_eps[k]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(from_v["pred_xstart"]), np.asarray(x0), atol=1e-4)
+
+    # the mse term regresses v (a network that outputs the true v has zero mse) ...
+    def oracle(net_target):
+        def fn(x, t_net):
+            return jnp.concatenate([net_target, var], -1)
+
+        return fn
+
+    tv = gdiff.training_losses(s_v, oracle(v_true), x0, t, noise)
+    te = gdiff.training_losses(s_eps, oracle(noise), x0, t, noise)
+    assert float(jnp.abs(tv["mse"]).max()) < 1e-10
+    assert float(jnp.abs(te["mse"]).max()) < 1e-10
+    # ... and the variance term sees the same posterior either way
+    np.testing.assert_allclose(np.asarray(tv["vb"]), np.asarray(te["vb"]), rtol=1e-3, atol=1e-5)
+    # an epsilon output read as v is wrong: the mse is not zero
+    assert float(gdiff.training_losses(s_v, oracle(noise), x0, t, noise)["mse"].mean()) > 0.1
+    with pytest.raises(ValueError, match="prediction"):
+        gdiff.make_schedule("10", prediction="x0")
+
+
+def test_v_prediction_config_reaches_the_diffusion_head(tiny):
+    import dataclasses
+
+    from unified_mm.models.harmon.mar import MARConfig
+
+    cfg = tiny[0].mar
+    assert cfg.diffusion_prediction == "epsilon"  # MAR's default
+    v_cfg = dataclasses.replace(cfg, diffusion_prediction="v")
+    assert v_cfg.diffloss.train_schedule.prediction == "v"
+    assert v_cfg.diffloss.gen_schedule.prediction == "v"
+    d = {
+        "img_size": 64,
+        "vae_stride": 16,
+        "patch_size": 1,
+        "vae_embed_dim": 16,
+        "encoder_embed_dim": 32,
+        "encoder_depth": 1,
+        "encoder_num_heads": 2,
+        "decoder_embed_dim": 32,
+        "decoder_depth": 1,
+        "decoder_num_heads": 2,
+        "buffer_size": 4,
+        "diffloss_d": 1,
+        "diffloss_w": 32,
+        "diffusion_prediction": "v",
+    }
+    assert MARConfig.from_fixture_json(d).diffloss.prediction == "v"

@@ -129,6 +129,7 @@ class DiffLossConfig:
     num_sampling_steps: str = "100"
     train_diffusion_steps: int = 1000
     noise_schedule: str = "cosine"
+    prediction: str = "epsilon"  # or "v" (diffusion.DiffusionSchedule.prediction)
     # None: MAR's unclipped sampler. c: predicted x_0 clipped to [-c, c] while sampling (bounded
     # targets such as pixel-patch tokens; training is unaffected).
     clip_denoised: float | None = None
@@ -138,7 +139,10 @@ class DiffLossConfig:
     @property
     def train_schedule(self) -> gd.DiffusionSchedule:
         return gd.make_schedule(
-            "", noise_schedule=self.noise_schedule, diffusion_steps=self.train_diffusion_steps
+            "",
+            noise_schedule=self.noise_schedule,
+            diffusion_steps=self.train_diffusion_steps,
+            prediction=self.prediction,
         )
 
     @property
@@ -147,6 +151,7 @@ class DiffLossConfig:
             str(self.num_sampling_steps),
             noise_schedule=self.noise_schedule,
             diffusion_steps=self.train_diffusion_steps,
+            prediction=self.prediction,
         )
 
 

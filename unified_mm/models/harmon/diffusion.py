@@ -83,6 +83,9 @@ class DiffusionSchedule:
     posterior_mean_coef1: np.ndarray
     posterior_mean_coef2: np.ndarray
     log_betas: np.ndarray
+    # What the network's first C channels predict: "epsilon" (MAR / guided-diffusion) or "v"
+    # (Salimans & Ho 2022: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0).
+    prediction: str = "epsilon"
 
     @property
     def num_timesteps(self) -> int:
@@ -93,7 +96,12 @@ class DiffusionSchedule:
         return jnp.asarray(np.asarray(getattr(self, name)).astype(np.float32))
 
 
-def _schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray) -> DiffusionSchedule:
+PREDICTIONS = ("epsilon", "v")
+
+
+def _schedule_from_betas(
+    betas: np.ndarray, timestep_map: np.ndarray, prediction: str = "epsilon"
+) -> DiffusionSchedule:
     betas = np.asarray(betas, dtype=np.float64)
     if not ((betas > 0).all() and (betas <= 1).all()):
         raise ValueError("diffusion betas must lie in (0, 1]")
@@ -118,14 +126,22 @@ def _schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray) -> Diffusi
         posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
         log_betas=np.log(betas),
+        prediction=prediction,
     )
 
 
 @functools.lru_cache(maxsize=32)
 def make_schedule(
-    respacing: str = "", *, noise_schedule: str = "cosine", diffusion_steps: int = 1000
+    respacing: str = "",
+    *,
+    noise_schedule: str = "cosine",
+    diffusion_steps: int = 1000,
+    prediction: str = "epsilon",
 ) -> DiffusionSchedule:
-    """`create_diffusion(timestep_respacing=respacing, noise_schedule=...)` tables (cached)."""
+    """`create_diffusion(timestep_respacing=respacing, noise_schedule=...)` tables (cached);
+    `prediction` "v" makes the network predict v instead of epsilon ("epsilon" is MAR)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r} ({' or '.join(PREDICTIONS)})")
     if noise_schedule == "cosine":
         base = cosine_betas(diffusion_steps)
     elif noise_schedule == "linear":
@@ -140,7 +156,7 @@ def make_schedule(
             new_betas.append(1 - a / last)
             last = a
             tmap.append(i)
-    return _schedule_from_betas(np.array(new_betas), np.array(tmap))
+    return _schedule_from_betas(np.array(new_betas), np.array(tmap), prediction)
 
 
 def _at(s: DiffusionSchedule, name: str, t: jax.Array) -> jax.Array:
@@ -150,6 +166,18 @@ def _at(s: DiffusionSchedule, name: str, t: jax.Array) -> jax.Array:
 def q_sample(s: DiffusionSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     return (
         _at(s, "sqrt_alphas_cumprod", t) * x0 + _at(s, "sqrt_one_minus_alphas_cumprod", t) * noise
+    )
+
+
+def epsilon_from_output(
+    s: DiffusionSchedule, pred: jax.Array, x_t: jax.Array, t: jax.Array
+) -> jax.Array:
+    """The epsilon a network output means: itself, or sqrt(1 - ab) x_t + sqrt(ab) v. Affine in
+    the output with the same x_t for both CFG halves, so guiding v guides epsilon identically."""
+    if s.prediction == "epsilon":
+        return pred
+    return (
+        _at(s, "sqrt_one_minus_alphas_cumprod", t) * x_t + _at(s, "sqrt_alphas_cumprod", t) * pred
     )
 
 
@@ -173,7 +201,7 @@ def p_mean_variance(
     bounded (pixel) data.
     """
     c = x.shape[-1]
-    eps, v = model_out[:, :c], model_out[:, c:]
+    eps, v = epsilon_from_output(s, model_out[:, :c], x, t), model_out[:, c:]
     min_log = _at(s, "posterior_log_variance_clipped", t)
     max_log = _at(s, "log_betas", t)
     frac = (v + 1) / 2
@@ -267,15 +295,16 @@ def training_losses(
 ) -> dict[str, jax.Array]:
     """Per-row `mse + vb` (loss type MSE with learned-range variance).
 
+    mse compares the first C output channels with epsilon (or with v when s.prediction is "v").
     vb is the KL(q || p) in bits (or the discretised NLL at t = 0), computed with a
-    stop-gradient epsilon so it trains only the variance channels.
+    stop-gradient prediction so it trains only the variance channels.
     """
     x0 = x0.astype(jnp.float32)
     x_t = q_sample(s, x0, t, noise)
     out = model_fn(x_t, jnp.asarray(s.timestep_map)[t]).astype(jnp.float32)
     c = x0.shape[-1]
-    eps, v = out[:, :c], out[:, c:]
-    frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
+    pred, v = out[:, :c], out[:, c:]
+    frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
     true_mean, true_logvar = q_posterior(s, x0, x_t, t)
     p = p_mean_variance(s, frozen, x_t, t)
     ln2 = np.float32(np.log(2.0))
@@ -285,5 +314,12 @@ def training_losses(
     )
     nll = nll.mean(axis=-1) / ln2
     vb = jnp.where(t == 0, nll, kl)
-    mse = jnp.mean((noise - eps) ** 2, axis=-1)
+    if s.prediction == "epsilon":
+        target = noise
+    else:
+        target = (
+            _at(s, "sqrt_alphas_cumprod", t) * noise
+            - _at(s, "sqrt_one_minus_alphas_cumprod", t) * x0
+        )
+    mse = jnp.mean((target - pred) ** 2, axis=-1)
     return {"loss": mse + vb, "mse": mse, "vb": vb}

@@ -67,6 +67,7 @@ class MARConfig:
     num_sampling_steps: str = "100"
     train_diffusion_steps: int = 1000
     noise_schedule: str = "cosine"
+    diffusion_prediction: str = "epsilon"  # see DiffLossConfig.prediction
     clip_denoised: float | None = None  # see DiffLossConfig.clip_denoised
     diffusion_batch_mul: int = 4
     remat: bool = False
@@ -103,6 +104,7 @@ class MARConfig:
             num_sampling_steps=str(self.num_sampling_steps),
             train_diffusion_steps=self.train_diffusion_steps,
             noise_schedule=self.noise_schedule,
+            prediction=self.diffusion_prediction,
             clip_denoised=self.clip_denoised,
             remat=self.remat,
             dtype=self.dtype,
@@ -139,6 +141,7 @@ class MARConfig:
             num_sampling_steps=str(d.get("num_sampling_steps", "100")),
             train_diffusion_steps=int(d.get("train_diffusion_steps", 1000)),
             noise_schedule=str(d.get("noise_schedule", "cosine")),
+            diffusion_prediction=str(d.get("diffusion_prediction", "epsilon")),
             clip_denoised=(None if d.get("clip_denoised") is None else float(d["clip_denoised"])),
             diffusion_batch_mul=int(d.get("diffusion_batch_mul", 4)),
             remat=bool(remat or d.get("grad_checkpointing", False)),
