@@ -11,6 +11,8 @@ Report keys (`REPORT_KEYS`):
   geneval                     shapes-GenEval per category and "overall" (mean of categories)
   geneval_ground_truth        the same scoring on rendered ground-truth scenes of the prompts
   geneval_settings            prompts, samples per prompt and sampler settings used
+  t2i_conditioning            whether generation uses its prompt and visible tokens
+                              (eval/conditioning.py: text_gap, context_gap; ~0 = ignored)
   vqa                         shapes-VQA exact match per question type, "overall", "mean_per_type"
   fid                         {"fid", "images"} or {"skipped": reason}
   seconds                     wall time per part
@@ -18,7 +20,7 @@ Report keys (`REPORT_KEYS`):
 Settings come from `config.eval`: geneval_prompts_per_category, geneval_images_per_prompt,
 vqa_questions, image_size (0: the stage's), num_iter, cfg, cfg_schedule, temperature, and the
 optional num_diffusion_steps, fid_inception_path, detector_images (default 200), seed (default 0),
-batch_size (default 64). Sample grids and per-item results go to `<workdir>/eval/`.
+batch_size (default 64), conditioning_pairs (default 32; < 2 skips the probe). Sample grids and per-item results go to `<workdir>/eval/`.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from unified_mm.data.shapes import CATEGORIES, QTYPES, geneval_prompts
+from unified_mm.data.shapes import CATEGORIES, QTYPES, ShapesDataset, geneval_prompts
 from unified_mm.eval import fid as fid_lib
 from unified_mm.eval import geneval, vqa
 from unified_mm.eval import harmon_inference as inf
+from unified_mm.eval.conditioning import t2i_conditioning_probe
 from unified_mm.eval.shapes_detector import validate_detector
 
 log = logging.getLogger("unified_mm")
@@ -50,6 +53,7 @@ REPORT_KEYS = (
     "geneval_ground_truth",
     "geneval_valid",
     "geneval_settings",
+    "t2i_conditioning",
     "vqa",
     "fid",
     "seconds",
@@ -143,6 +147,22 @@ def evaluate_harmon(
         **opts,
     }
     seconds["geneval"] = time.perf_counter() - t
+
+    # -- does generation use its prompt and its visible tokens? (paired loss probe)
+    t = time.perf_counter()
+    pairs = int(_get(ev, "conditioning_pairs", 32))
+    if pairs >= 2:
+        data = ShapesDataset("heldout", seed=seed, image_size=image_size)
+        examples = [data[i] for i in range(pairs)]
+        report["t2i_conditioning"] = t2i_conditioning_probe(
+            model,
+            family.tokenizer,
+            np.stack([e.image for e in examples]),
+            [e.caption for e in examples],
+            max_text_len=int(family.config.data.max_text_len),
+            key=jax.random.key(seed + 1),
+        )
+    seconds["conditioning"] = time.perf_counter() - t
 
     # -- shapes-VQA
     t = time.perf_counter()
@@ -255,6 +275,14 @@ def format_table(report: dict) -> str:
         + ("" if report.get("geneval_valid", True) else "  (< 0.99: GenEval NOT meaningful)"),
         "  shapes-GenEval     overall {:.3f} | ".format(g.get("overall", float("nan")))
         + " ".join(f"{_SHORT[c]} {g[c]:.2f}" for c in CATEGORIES if c in g),
+    ]
+    if "t2i_conditioning" in report:
+        c = report["t2i_conditioning"]
+        lines.append(
+            f"  t2i conditioning   text gap {c['text_gap']:+.1%} | context gap "
+            f"{c['context_gap']:+.1%} (loss {c['loss']:.4f}; ~0: condition ignored)"
+        )
+    lines += [
         "  shapes-VQA         overall {:.3f} | ".format(q.get("overall", float("nan")))
         + " ".join(f"{t} {q[t]:.2f}" for t in QTYPES if t in q),
     ]
