@@ -96,6 +96,10 @@ def test_format_table_and_helpers():
         "seconds": {"total": 1.0},
     }
     table = format_table(report)
+    assert "t2i conditioning" not in table
+    report["t2i_conditioning"] = {"text_gap": -1e-5, "context_gap": 0.0771, "loss": 0.15}
+    table = format_table(report)
+    assert "text gap +0.0% | context gap +7.7%" in table
     assert "NOT meaningful" in table and "single 0.50" in table and "skipped: no weights" in table
     config = smoke_config()
     assert checkpoint_stage(config, {"stage": "hires"}).image_size == config.stages.hires.image_size

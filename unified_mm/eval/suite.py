@@ -278,9 +278,11 @@ def format_table(report: dict) -> str:
     ]
     if "t2i_conditioning" in report:
         c = report["t2i_conditioning"]
+        # + 0.0 turns a rounded -0.0 into 0.0
+        text, context = (round(c[k], 3) + 0.0 for k in ("text_gap", "context_gap"))
         lines.append(
-            f"  t2i conditioning   text gap {c['text_gap']:+.1%} | context gap "
-            f"{c['context_gap']:+.1%} (loss {c['loss']:.4f}; ~0: condition ignored)"
+            f"  t2i conditioning   text gap {text:+.1%} | context gap {context:+.1%} "
+            f"(loss {c['loss']:.4f}; ~0: condition ignored)"
         )
     lines += [
         "  shapes-VQA         overall {:.3f} | ".format(q.get("overall", float("nan")))
