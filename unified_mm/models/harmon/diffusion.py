@@ -201,10 +201,10 @@ def p_mean_variance(
     bounded (pixel) data.
     """
     c = x.shape[-1]
-    eps, v = epsilon_from_output(s, model_out[:, :c], x, t), model_out[:, c:]
+    eps, var_values = epsilon_from_output(s, model_out[:, :c], x, t), model_out[:, c:]
     min_log = _at(s, "posterior_log_variance_clipped", t)
     max_log = _at(s, "log_betas", t)
-    frac = (v + 1) / 2
+    frac = (var_values + 1) / 2
     log_var = frac * max_log + (1 - frac) * min_log
     pred_x0 = (
         _at(s, "sqrt_recip_alphas_cumprod", t) * x - _at(s, "sqrt_recipm1_alphas_cumprod", t) * eps
@@ -303,8 +303,8 @@ def training_losses(
     x_t = q_sample(s, x0, t, noise)
     out = model_fn(x_t, jnp.asarray(s.timestep_map)[t]).astype(jnp.float32)
     c = x0.shape[-1]
-    pred, v = out[:, :c], out[:, c:]
-    frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
+    pred, var_values = out[:, :c], out[:, c:]
+    frozen = jnp.concatenate([jax.lax.stop_gradient(pred), var_values], axis=-1)
     true_mean, true_logvar = q_posterior(s, x0, x_t, t)
     p = p_mean_variance(s, frozen, x_t, t)
     ln2 = np.float32(np.log(2.0))
