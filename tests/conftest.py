@@ -35,11 +35,21 @@ def pytest_collection_modifyitems(config, items):
 def _restore_root_logging():
     """CLIs under test call `logging.basicConfig(stream=sys.stdout, force=True)` while pytest's
     capture stands in for sys.stdout; once that capture is closed, every later log record of the
-    worker would print a "--- Logging error ---" block. Each test gets the handlers back."""
+    worker would print a "--- Logging error ---" block. They also quieten named loggers ("absl"
+    to WARNING), which would hide later tests' absl INFO records from caplog. Each test gets the
+    root handlers and every logger's level back."""
     import logging
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    levels = {
+        name: lg.level
+        for name, lg in logging.root.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, lg in logging.root.manager.loggerDict.items():
+        if isinstance(lg, logging.Logger) and lg.level != levels.get(name, logging.NOTSET):
+            lg.setLevel(levels.get(name, logging.NOTSET))
