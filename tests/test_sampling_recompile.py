@@ -5,17 +5,15 @@ nothing (counted from JAX's compile events, which fire for persistent-cache hits
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_inference_cli import smoke_config
 
 from unified_mm.eval import harmon_inference
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
@@ -45,20 +43,11 @@ _COUNTER = _Compiles()
 jax.monitoring.register_event_duration_secs_listener(_COUNTER)
 
 
-def _smoke_config():
-    spec = importlib.util.spec_from_file_location(
-        "shapes_cfg", REPO / "configs" / "shapes_harmon.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("smoke")
-
-
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     from unified_mm import families
 
-    family = families.build(_smoke_config())
+    family = families.build(smoke_config())
     abstract = nnx.eval_shape(lambda: family.build_model(nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(0)

@@ -450,16 +450,7 @@ class StageCompiler:
             sum(per_example.get(t, 0.0) * n for t, n in stage.task_batch.items())
         )
         report.flops_per_chip = report.flops_per_step / chips
-        report.roofline = roofline(
-            flops_per_chip=report.flops_per_chip,
-            memory=mem,
-            param_bytes=self.param_bytes,
-            trainable_bytes=trainable_bytes,
-            mesh_shape=dict(self.mesh.shape),
-            num_slices=self.topo.num_slices,
-            chip=self.topo.chip,
-            remat=bool(self.config.get("model", {}).get("remat", False)),
-        )
+        report.roofline = self._roofline(report.flops_per_chip, mem, trainable_bytes)
         report.fits = mem["total"] <= report.hbm_bytes
         if not report.fits:
             report.error = (
@@ -467,6 +458,20 @@ class StageCompiler:
                 f"{report.hbm_bytes / GIB:.0f} GiB"
             )
         return report
+
+    def _roofline(
+        self, flops_per_chip: float, memory: Mapping, trainable_bytes: int
+    ) -> dict[str, float]:
+        return roofline(
+            flops_per_chip=flops_per_chip,
+            memory=memory,
+            param_bytes=self.param_bytes,
+            trainable_bytes=trainable_bytes,
+            mesh_shape=dict(self.mesh.shape),
+            num_slices=self.topo.num_slices,
+            chip=self.topo.chip,
+            remat=bool(self.config.get("model", {}).get("remat", False)),
+        )
 
     def _check(self, report, stage, abstract_state, abstract_batch, trainable_bytes) -> Report:
         """Check-only compile: memory from XLA's buffer assignment, code generation skipped."""
@@ -501,16 +506,7 @@ class StageCompiler:
         report.flops_per_chip = report.flops_per_step / self.mesh.size
         report.fits = fits and report.memory["total"] <= report.hbm_bytes
         report.error = error
-        report.roofline = roofline(
-            flops_per_chip=report.flops_per_chip,
-            memory=report.memory,
-            param_bytes=self.param_bytes,
-            trainable_bytes=trainable_bytes,
-            mesh_shape=dict(self.mesh.shape),
-            num_slices=self.topo.num_slices,
-            chip=self.topo.chip,
-            remat=bool(self.config.get("model", {}).get("remat", False)),
-        )
+        report.roofline = self._roofline(report.flops_per_chip, report.memory, trainable_bytes)
         if fits and not report.fits:
             report.error = (
                 f"needs {report.memory['total'] / GIB:.2f} GiB per chip, the chip has "

@@ -271,6 +271,23 @@ def _padded_ids(rng, lens, length: int, vocab: int, pad: int):
     return np.where(valid, ids, pad).astype(np.int32), valid.astype(np.int32)
 
 
+def _greedy_decoder(graphdef, max_new_tokens: int):
+    """Jitted greedy image-to-text decoding (params, images, prompt ids) -> token ids."""
+    import jax
+    from flax import nnx
+
+    from unified_mm.models.harmon import sampling
+
+    @jax.jit
+    def decode(params, images, prompt_ids):
+        model = nnx.merge(graphdef, params)
+        return sampling.image_to_text(
+            model, images, prompt_ids, None, max_new_tokens=max_new_tokens
+        )[0]
+
+    return decode
+
+
 def run_bench(path: str, iters: int, workloads, *, shrink: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
@@ -484,10 +501,7 @@ def run_bench(path: str, iters: int, workloads, *, shrink: bool = False) -> dict
         )
         imgs = images(n)
 
-        @jax.jit
-        def i2t(params, imgs, ids):
-            model = nnx.merge(graphdef, params)
-            return sampling.image_to_text(model, imgs, ids, None, max_new_tokens=new)[0]
+        i2t = _greedy_decoder(graphdef, new)
 
         log(f"i2t_decode: batch {n}, prompt {plen}, {new} new tokens (greedy)")
         r = time_calls(lambda: i2t(params, imgs, ids), iters, counter)
@@ -657,10 +671,7 @@ def _config_sampling(family, layout, params, config, stage, iters, counter) -> d
     )
     imgs = jnp.zeros((n, size, size, 3), jnp.float32)
 
-    @jax.jit
-    def i2t(params, imgs, prompt):
-        model = nnx.merge(graphdef, params)
-        return sampling.image_to_text(model, imgs, prompt, None, max_new_tokens=new)[0]
+    i2t = _greedy_decoder(graphdef, new)
 
     log(f"i2t decoding: {n} prompts of {prompt.shape[1]} tokens, {new} new tokens")
     d = time_calls(lambda: i2t(params, imgs, prompt), iters, counter)
