@@ -139,6 +139,7 @@ def _err(capsys) -> str:
         "unified_mm.tools.image_to_text",
         "unified_mm.tools.reconstruct",
         "unified_mm.tools.export",
+        "unified_mm.tools.encoder_probe",
         "unified_mm.evaluate",
     ],
 )
@@ -321,6 +322,43 @@ def test_image_to_text_bad_input(workdir, tmp_path, capsys):
     junk.write_text("not an image")
     assert image_to_text.main(["--checkpoint", workdir, "--image", str(junk)]) == 2
     assert "not an image" in _err(capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# encoder probe
+
+
+def test_encoder_probe_on_trained_and_initial_weights(workdir, tmp_path, capsys):
+    from unified_mm.tools import encoder_probe
+
+    small = ["--num-train", "48", "--num-test", "24", "--steps", "20"]
+    out = tmp_path / "probe.json"
+    assert encoder_probe.main(["--checkpoint", workdir, *small, "--out", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("shape probe (linear, ema, 32 px): held-out count ")
+    assert "| train split count " in line and "| majority count " in line
+    report = json.loads(out.read_text())
+    assert report["weights"] == "ema" and report["step"] == TRAIN_STEPS
+    assert report["settings"]["num_train"] == 48
+    assert encoder_probe.main(["--checkpoint", workdir, *small, "--at-init", "--no-ema"]) == 0
+    assert capsys.readouterr().out.startswith("shape probe (linear, init, 32 px)")
+    assert (
+        encoder_probe.main(["--checkpoint", workdir, *small, "--supervised", "--out", str(out)])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("shape probe (supervised, ema, 32 px)")
+    report = json.loads(out.read_text())
+    assert report["mode"] == "supervised" and report["settings"]["steps"] == 20
+    assert report["settings"]["batch_size"] == 32  # the supervised defaults fill what is not given
+
+
+def test_encoder_probe_bad_input(workdir, tmp_path, capsys):
+    from unified_mm.tools import encoder_probe
+
+    assert encoder_probe.main(["--checkpoint", str(tmp_path / "none")]) == 2
+    assert "does not exist" in _err(capsys)
+    assert encoder_probe.main(["--checkpoint", workdir, "--num-train", "0"]) == 2
+    assert "num_train must be >= 1" in _err(capsys)
 
 
 # ------------------------------------------------------------------------------------------------
