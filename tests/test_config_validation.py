@@ -78,7 +78,15 @@ def test_parse_arg_types_and_unknown_keys():
 
 
 @pytest.mark.parametrize(
-    "name", ["shapes_harmon", "shapes_vqrae", "harmon_0p5b", "harmon_1p5b", "vqrae_siglip2"]
+    "name",
+    [
+        "shapes_harmon",
+        "shapes_harmon_ablation",
+        "shapes_vqrae",
+        "harmon_0p5b",
+        "harmon_1p5b",
+        "vqrae_siglip2",
+    ],
 )
 @pytest.mark.parametrize("arg", ["", "smoke"])
 def test_every_config_builds_and_validates(name, arg):
@@ -97,3 +105,38 @@ def test_every_config_builds_and_validates(name, arg):
     for s in stages:
         assert set(s.trainable) <= set(family.param_groups()), s.name
         assert set(s.task_batch) <= set(family.tasks), s.name
+
+
+def _ablation(arg: str) -> ml_collections.ConfigDict:
+    path = ROOT / "configs" / "shapes_harmon_ablation.py"
+    spec = importlib.util.spec_from_file_location("shapes_harmon_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_ablation_config_changes_one_thing_at_a_time():
+    base = _ablation("")
+    assert base.stage_order == ("full",) and base.stages.full.steps == 800
+    assert dict(base.stages.full.task_batch) == {"i2t": 32, "t2i": 32}
+    assert base.model.mar.diffusion_prediction == "v" and base.model.pixel_patch == 8
+    c = _ablation("steps=300,t2i=0,patch=4,llm_depth=4,turns=1,lr=5e-3,prediction=epsilon,ema=0")
+    assert c.stages.full.steps == 300 and dict(c.stages.full.task_batch) == {"i2t": 32}
+    assert (c.model.mar.seq_h, c.model.mar.vae_embed_dim, c.model.vae.stride) == (8, 48, 4)
+    assert c.model.llm.num_hidden_layers == 4 and c.data.qa_turns == 1
+    assert c.stages.full.lr == 5e-3 and c.ema.decay == 0.0
+    assert c.model.mar.diffusion_prediction == "epsilon"
+    _validate(c)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("i2t=0,t2i=0", "nothing would train"),
+        ("patch=5", "patch=5 does not divide 32"),
+        ("geneval=0", "at least 1 prompt per category"),
+    ],
+)
+def test_ablation_config_refuses_impossible_arguments(arg, message):
+    with pytest.raises(ValueError, match=message):
+        _ablation(arg)

@@ -1,0 +1,99 @@
+"""One-stage ablations of the main job (configs/shapes_harmon.py): the README's ablation rows.
+
+    python -m unified_mm.main --config configs/shapes_harmon_ablation.py:steps=800,t2i=0 \
+        --workdir runs/ablation_und_800
+
+The model, data and evaluation are the main job's; the schedule is one stage ("full": everything
+but the tokenizer trains) at 32 px with warm-up and cosine decay, and the arguments below change
+one thing at a time. The README rows come from these commands (``:`` arguments only):
+
+    steps=400,t2i=0,turns=1,ema=0          one QA turn per sample (Harmon's layout)
+    steps=300,t2i=0,ema=0                  6 QA turns packed into the static length
+    steps=400,t2i=0,ema=0,lr=5e-3          learning rate (and lr=2e-3)
+    steps=800,t2i=0,ema=0                  (and lr=1e-3, llm_depth=4, patch=4)
+    steps=2000,i2t=0,geneval=8             generation alone, predicting v
+
+Arguments (``:key=value,...``): ``smoke`` (a few steps, for tests), ``steps``, ``i2t`` / ``t2i``
+(per-task batch; 0 leaves the task out), ``turns`` (QA turns per understanding sample), ``lr``,
+``patch`` (pixel patch: 8 gives 4x4 tokens of 192-d, 4 gives 8x8 of 48-d), ``llm_depth``,
+``prediction`` (``v`` or ``epsilon``), ``ema`` (decay; 0 evaluates the raw weights), ``geneval``
+(held-out prompts per category, two images each) and ``vqa`` (held-out questions).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from unified_mm.config.args import parse_arg
+from unified_mm.config.base import stage
+
+IMAGE_SIZE = 32
+
+
+def _main_job_config(arg: str) -> ml_collections.ConfigDict:
+    # configs/ is not a package: load the sibling file by path.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_harmon.py")
+    spec = importlib.util.spec_from_file_location("shapes_harmon_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(
+        arg,
+        smoke=False,
+        steps=800,
+        i2t=32,
+        t2i=32,
+        turns=6,
+        lr=2e-3,
+        patch=8,
+        llm_depth=2,
+        prediction="v",
+        ema=0.99,
+        geneval=1,
+        vqa=300,
+    )
+    if a.i2t <= 0 and a.t2i <= 0:
+        raise ValueError("shapes_harmon_ablation: i2t and t2i are both 0; nothing would train")
+    if a.geneval < 1:
+        raise ValueError(
+            f"shapes_harmon_ablation: geneval={a.geneval}; at least 1 prompt per category"
+        )
+    if IMAGE_SIZE % a.patch:
+        raise ValueError(f"shapes_harmon_ablation: patch={a.patch} does not divide {IMAGE_SIZE}")
+    c = _main_job_config("smoke" if a.smoke else "")
+
+    grid = IMAGE_SIZE // a.patch
+    c.model.pixel_patch = a.patch
+    c.model.vae.stride = a.patch
+    c.model.mar.vae_stride = a.patch
+    c.model.mar.seq_h = c.model.mar.seq_w = grid
+    c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = 3 * a.patch**2
+    c.model.mar.diffusion_prediction = a.prediction
+    c.model.llm.num_hidden_layers = a.llm_depth
+    c.data.qa_turns = a.turns
+
+    task_batch = {task: n for task, n in (("i2t", a.i2t), ("t2i", a.t2i)) if n > 0}
+    c.stage_order = ("full",)
+    c.stages = ml_collections.ConfigDict(
+        {
+            "full": stage(
+                steps=2 if a.smoke else a.steps,
+                trainable=("mar_encoder", "mar_decoder", "diffloss", "projectors", "llm"),
+                image_size=IMAGE_SIZE,
+                task_batch=task_batch,
+                lr=a.lr,
+                warmup_steps=1 if a.smoke else 30,
+                schedule="cosine",
+                min_lr_ratio=0.1,
+            )
+        }
+    )
+    c.ema.decay = 0.0 if a.smoke else a.ema
+    c.eval.geneval_prompts_per_category = a.geneval
+    c.eval.vqa_questions = 8 if a.smoke else a.vqa
+    c.eval.preview_prompts = () if a.smoke else c.eval.preview_prompts
+    return c
