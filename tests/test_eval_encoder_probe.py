@@ -91,17 +91,27 @@ def test_shape_probe_on_a_random_model_reports_probe_and_baseline():
 
 def test_supervised_control_trains_a_copy_of_the_encoder():
     config = smoke_config()
-    model = HarmonFamily(config).build_model(nnx.Rngs(0))
+    family = HarmonFamily(config)
+    model = family.build_model(nnx.Rngs(0))
+    encoder = family.param_groups()["mar_encoder"]
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     settings = ep.SupervisedSettings(
         steps=60, batch_size=16, lr=3e-3, warmup_steps=5, num_train=200, num_test=40
     )
-    r = ep.supervised_shape_probe(model, 32, settings)
+    r = ep.supervised_shape_probe(model, 32, settings, trainable=encoder)
     assert r["last_loss"] < r["first_loss"] - 0.2  # measured: 1.81 -> 0.69
     assert all(0.0 <= v <= 1.0 for v in r["probe"].values())
     assert set(r["probe_train_split"]) == set(r["probe"])
     after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after)))
+    # update_model writes the trained encoder back; nothing else moves (no weight decay either)
+    ep.supervised_shape_probe(model, 32, settings, trainable=encoder, update_model=True)
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), before, nnx.state(model, nnx.Param)
+    )
+    assert any(jax.tree.leaves(changed["mar"]["encoder_blocks"]))
+    assert not any(jax.tree.leaves(changed["llm"]))
+    assert not any(jax.tree.leaves(changed["mar"]["decoder_blocks"]))
 
 
 def test_bad_settings_are_refused_in_one_line():

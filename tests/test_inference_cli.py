@@ -350,6 +350,14 @@ def test_encoder_probe_on_trained_and_initial_weights(workdir, tmp_path, capsys)
     report = json.loads(out.read_text())
     assert report["mode"] == "supervised" and report["settings"]["steps"] == 20
     assert report["settings"]["batch_size"] == 32  # the supervised defaults fill what is not given
+    saved = tmp_path / "official"
+    argv = [*small, "--supervised", "--at-init", "--save-official", str(saved)]
+    assert encoder_probe.main(["--checkpoint", workdir, *argv]) == 0
+    capsys.readouterr()
+    from unified_mm.models.harmon import convert
+
+    official = convert.load_torch_file(saved / "harmon_official.safetensors")
+    assert any(k.startswith("mar.encoder_blocks.") for k in official)
 
 
 def test_encoder_probe_bad_input(workdir, tmp_path, capsys):
@@ -359,6 +367,8 @@ def test_encoder_probe_bad_input(workdir, tmp_path, capsys):
     assert "does not exist" in _err(capsys)
     assert encoder_probe.main(["--checkpoint", workdir, "--num-train", "0"]) == 2
     assert "num_train must be >= 1" in _err(capsys)
+    assert encoder_probe.main(["--checkpoint", workdir, "--save-official", str(tmp_path)]) == 2
+    assert "--save-official needs --supervised" in _err(capsys)
 
 
 # ------------------------------------------------------------------------------------------------

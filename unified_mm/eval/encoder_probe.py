@@ -17,7 +17,8 @@ checkpoint and on the same model at initialisation (random features) for the bas
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -205,19 +206,26 @@ class SupervisedSettings:
 
 
 def supervised_shape_probe(
-    model: nnx.Module, image_size: int, settings: SupervisedSettings
+    model: nnx.Module,
+    image_size: int,
+    settings: SupervisedSettings,
+    *,
+    trainable: Callable[[tuple, Any], bool],
+    update_model: bool = False,
 ) -> dict:
-    """Trains the encoder with a linear count head on the labels directly (a copy of `model`).
+    """Trains the encoder with a linear count head on the labels directly (a copy of `model`;
+    `update_model` writes the trained weights back into `model`).
 
     The control for `shape_probe`: how fast this encoder learns shape when told it outright,
-    against what the question-answer loss taught it. Only the tokenizer, the MAR encoder and the
-    head are on the path of this loss, so only they move.
+    against what the question-answer loss taught it. `trainable` (an NNX path filter, e.g. the
+    Harmon family's "mar_encoder" group) picks the parameters that train; nothing else changes,
+    weight decay included.
     """
     splits = probe_splits(image_size, settings.num_train, settings.num_test, settings.seed)
     train_x, train_y = splits["fit"]
     test_x, test_y = splits["heldout"]
     width = model.cfg.mar.encoder_embed_dim
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, trainable), ...)
     rng = np.random.default_rng(settings.seed)
     head = {
         "w": jnp.asarray(
@@ -259,6 +267,8 @@ def supervised_shape_probe(
             [np.asarray(predict(trained, x[i : i + 250])) for i in range(0, len(x), 250)]
         )
 
+    if update_model:
+        nnx.update(model, trained[0])
     tail = max(1, settings.steps // 10)
     return {
         "probe": score_counts(predicted(test_x), test_y),

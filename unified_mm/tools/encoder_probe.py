@@ -8,7 +8,10 @@ Fits per-shape count heads on the frozen MAR encoder's features of train-split s
 scores them on held-out images. `--at-init` probes the same architecture freshly initialised
 (config seed), the baseline that says how much training added. `--supervised` trains the encoder
 and a linear head on the count labels themselves (from the checkpoint's or, with --at-init, the
-initial weights): the control that says how fast this encoder learns shape when told it. Prints a summary line and the JSON
+initial weights): the control that says how fast this encoder learns shape when told it;
+`--save-official DIR` then writes the whole model, trained encoder included, in the official
+Harmon layout (`harmon_official.safetensors`), which a config's `init.harmon_checkpoint` loads
+(configs/shapes_harmon_ablation.py's `init=`). Prints a summary line and the JSON
 report (also written to --out).
 """
 
@@ -36,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--supervised", action="store_true", help="train the encoder on the labels (control)"
     )
+    ap.add_argument(
+        "--save-official",
+        default=None,
+        help="with --supervised: write the trained model in the official layout to this folder",
+    )
     ap.add_argument("--num-train", type=int, default=None, help="train-split images")
     ap.add_argument("--num-test", type=int, default=None, help="held-out images")
     ap.add_argument("--steps", type=int, default=None, help="AdamW steps")
@@ -62,6 +70,8 @@ def run(args: argparse.Namespace) -> dict:
         encoder_probe.SupervisedSettings if args.supervised else encoder_probe.ProbeSettings
     )
     settings = settings_type(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    if args.save_official and not args.supervised:
+        raise ValueError("--save-official needs --supervised (the linear probe trains no weights)")
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"checkpoint path {args.checkpoint} does not exist")
     loaded = load_model(args.checkpoint, step=args.step, prefer_ema=not args.no_ema)
@@ -74,8 +84,25 @@ def run(args: argparse.Namespace) -> dict:
     model = loaded.model
     if args.at_init:
         model = loaded.family.build_model(nnx.Rngs(int(loaded.config.seed)))
-    probe = encoder_probe.supervised_shape_probe if args.supervised else encoder_probe.shape_probe
-    report = probe(model, size, settings)
+    if args.supervised:
+        report = encoder_probe.supervised_shape_probe(
+            model,
+            size,
+            settings,
+            trainable=loaded.family.param_groups()["mar_encoder"],
+            update_model=bool(args.save_official),
+        )
+    else:
+        report = encoder_probe.shape_probe(model, size, settings)
+    if args.save_official:
+        import jax
+        import numpy as np
+
+        from unified_mm.tools.export import export_official_harmon
+
+        os.makedirs(args.save_official, exist_ok=True)
+        state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        report["saved"] = export_official_harmon(args.save_official, state, loaded.family.model_cfg)
     report.update(
         checkpoint=args.checkpoint,
         step=int(loaded.meta.get("step") or 0),
