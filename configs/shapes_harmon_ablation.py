@@ -12,12 +12,20 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=400,t2i=0,ema=0,lr=5e-3          learning rate (and lr=2e-3)
     steps=800,t2i=0,ema=0                  (and lr=1e-3, llm_depth=4, patch=4)
     steps=2000,i2t=0,geneval=8             generation alone, predicting v
+    steps=800,t2i=0,ema=0,init=P           from a shape-taught encoder (and freeze_encoder)
+
+P is the `harmon_official.safetensors` that
+`python -m unified_mm.tools.encoder_probe --checkpoint W --at-init --supervised --save-official D`
+writes for any work directory W of this config (the model at initialisation, its encoder trained
+on the per-shape counts).
 
 Arguments (``:key=value,...``): ``smoke`` (a few steps, for tests), ``steps``, ``i2t`` / ``t2i``
 (per-task batch; 0 leaves the task out), ``turns`` (QA turns per understanding sample), ``lr``,
 ``patch`` (pixel patch: 8 gives 4x4 tokens of 192-d, 4 gives 8x8 of 48-d), ``llm_depth``,
 ``prediction`` (``v`` or ``epsilon``), ``ema`` (decay; 0 evaluates the raw weights), ``geneval``
-(held-out prompts per category, two images each) and ``vqa`` (held-out questions).
+(held-out prompts per category, two images each), ``vqa`` (held-out questions), ``init`` (a
+full model in the official Harmon layout to start from) and ``freeze_encoder`` (the MAR encoder
+does not train).
 """
 
 import importlib.util
@@ -55,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ema=0.99,
         geneval=1,
         vqa=300,
+        init="",
+        freeze_encoder=False,
     )
     if a.i2t <= 0 and a.t2i <= 0:
         raise ValueError("shapes_harmon_ablation: i2t and t2i are both 0; nothing would train")
@@ -76,13 +86,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.llm.num_hidden_layers = a.llm_depth
     c.data.qa_turns = a.turns
 
+    if a.init:
+        # A full model in the official layout, e.g. from tools/encoder_probe --save-official.
+        c.init = ml_collections.ConfigDict(
+            dict(harmon_checkpoint=a.init, vae_checkpoint="", llm_safetensors="")
+        )
+    trainable = ("mar_encoder", "mar_decoder", "diffloss", "projectors", "llm")
+    if a.freeze_encoder:
+        trainable = trainable[1:]
     task_batch = {task: n for task, n in (("i2t", a.i2t), ("t2i", a.t2i)) if n > 0}
     c.stage_order = ("full",)
     c.stages = ml_collections.ConfigDict(
         {
             "full": stage(
                 steps=2 if a.smoke else a.steps,
-                trainable=("mar_encoder", "mar_decoder", "diffloss", "projectors", "llm"),
+                trainable=trainable,
                 image_size=IMAGE_SIZE,
                 task_batch=task_batch,
                 lr=a.lr,

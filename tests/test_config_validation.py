@@ -127,6 +127,11 @@ def test_ablation_config_changes_one_thing_at_a_time():
     assert c.stages.full.lr == 5e-3 and c.ema.decay == 0.0
     assert c.model.mar.diffusion_prediction == "epsilon"
     _validate(c)
+    assert "mar_encoder" in base.stages.full.trainable and "init" not in base
+    started = _ablation("init=/x/harmon_official.safetensors,freeze_encoder=true")
+    assert started.init.harmon_checkpoint == "/x/harmon_official.safetensors"
+    assert "mar_encoder" not in started.stages.full.trainable
+    assert "llm" in started.stages.full.trainable
 
 
 @pytest.mark.parametrize(
