@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,6 +14,33 @@ def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint", required=True, help="training work directory or export dir")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
+
+
+_FAMILY_NAMES = {"harmon": "Harmon", "vqrae": "VQRAE"}
+
+
+def load_checkpoint_of(args: argparse.Namespace, family: str, what: str):
+    """The model behind --checkpoint / --step / --no-ema (a `train.load.LoadedModel`), refusing a
+    missing path or another family's checkpoint in one line ("{what} needs a ... checkpoint")."""
+    from unified_mm.train.load import load_model
+
+    if not os.path.exists(args.checkpoint):
+        raise ValueError(f"checkpoint path {args.checkpoint} does not exist")
+    loaded = load_model(args.checkpoint, step=args.step, prefer_ema=not args.no_ema)
+    if loaded.config.family != family:
+        raise ValueError(
+            f"{what} needs a {_FAMILY_NAMES.get(family, family)} checkpoint, "
+            f"got family {loaded.config.family!r}"
+        )
+    return loaded
+
+
+def evaluation_image_size(loaded) -> int:
+    """The resolution a checkpoint is evaluated at: `eval.image_size`, else its stage's."""
+    from unified_mm.eval.suite import checkpoint_stage, eval_image_size
+
+    stage = checkpoint_stage(loaded.config, loaded.meta)
+    return int(eval_image_size(loaded.config.get("eval"), stage.image_size))
 
 
 def run_cli(

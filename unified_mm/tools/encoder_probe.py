@@ -23,7 +23,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from unified_mm.tools.cli import add_checkpoint_args, run_cli
+from unified_mm.tools.cli import (
+    add_checkpoint_args,
+    evaluation_image_size,
+    load_checkpoint_of,
+    run_cli,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +62,6 @@ def run(args: argparse.Namespace) -> dict:
     from flax import nnx
 
     from unified_mm.eval import encoder_probe
-    from unified_mm.eval.suite import checkpoint_stage, eval_image_size
-    from unified_mm.train.load import load_model
 
     given = {
         "num_train": args.num_train,
@@ -72,15 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     settings = settings_type(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     if args.save_official and not args.supervised:
         raise ValueError("--save-official needs --supervised (the linear probe trains no weights)")
-    if not os.path.exists(args.checkpoint):
-        raise ValueError(f"checkpoint path {args.checkpoint} does not exist")
-    loaded = load_model(args.checkpoint, step=args.step, prefer_ema=not args.no_ema)
-    if loaded.config.family != "harmon":
-        raise ValueError(
-            f"the encoder probe needs a Harmon checkpoint, got family {loaded.config.family!r}"
-        )
-    stage = checkpoint_stage(loaded.config, loaded.meta)
-    size = int(args.image_size or eval_image_size(loaded.config.get("eval"), stage.image_size))
+    loaded = load_checkpoint_of(args, "harmon", "the encoder probe")
+    size = int(args.image_size or evaluation_image_size(loaded))
     model = loaded.model
     if args.at_init:
         model = loaded.family.build_model(nnx.Rngs(int(loaded.config.seed)))

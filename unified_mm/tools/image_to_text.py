@@ -21,7 +21,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from unified_mm.tools.cli import add_checkpoint_args, run_cli
+from unified_mm.tools.cli import (
+    add_checkpoint_args,
+    evaluation_image_size,
+    load_checkpoint_of,
+    run_cli,
+)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -63,21 +68,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     import jax
 
     from unified_mm.eval import harmon_inference as inf
-    from unified_mm.eval.suite import checkpoint_stage, eval_image_size
-    from unified_mm.train.load import load_model
 
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     images = [read_image(p) for p in args.image]
-    if not os.path.exists(args.checkpoint):
-        raise ValueError(f"checkpoint path {args.checkpoint} does not exist")
-    loaded = load_model(args.checkpoint, step=args.step, prefer_ema=not args.no_ema)
-    if loaded.config.family != "harmon":
-        raise ValueError(
-            f"image-to-text needs a Harmon checkpoint, got family {loaded.config.family!r}"
-        )
-    stage = checkpoint_stage(loaded.config, loaded.meta)
-    size = int(args.image_size or eval_image_size(loaded.config.get("eval"), stage.image_size))
+    loaded = load_checkpoint_of(args, "harmon", "image-to-text")
+    size = int(args.image_size or evaluation_image_size(loaded))
     answers = inf.image_to_text(
         loaded.model,
         loaded.family.tokenizer,

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from unified_mm.eval.reconstruction import evaluate_reconstruction, uint8_to_unit, unit_to_uint8
-from unified_mm.tools.cli import add_checkpoint_args, run_cli
+from unified_mm.tools.cli import add_checkpoint_args, load_checkpoint_of, run_cli
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -101,16 +101,9 @@ def run(args: argparse.Namespace) -> dict:
 
     from unified_mm.eval.suite import checkpoint_stage
     from unified_mm.tools.image_to_text import read_image
-    from unified_mm.train.load import load_model
 
     images = [read_image(p) for p in args.image]
-    if not os.path.exists(args.checkpoint):
-        raise ValueError(f"checkpoint path {args.checkpoint} does not exist")
-    loaded = load_model(args.checkpoint, step=args.step, prefer_ema=not args.no_ema)
-    if loaded.config.family != "vqrae":
-        raise ValueError(
-            f"reconstruction needs a VQRAE checkpoint, got family {loaded.config.family!r}"
-        )
+    loaded = load_checkpoint_of(args, "vqrae", "reconstruction")
     size = int(args.image_size or checkpoint_stage(loaded.config, loaded.meta).image_size)
     recon, ids, metrics = reconstruct_images(
         loaded.model, images, image_size=size, batch_size=args.batch_size

@@ -25,7 +25,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from unified_mm.tools.cli import add_checkpoint_args, run_cli
+from unified_mm.tools.cli import (
+    add_checkpoint_args,
+    evaluation_image_size,
+    load_checkpoint_of,
+    run_cli,
+)
 
 
 def read_prompt_file(path: str) -> list[dict]:
@@ -104,8 +109,6 @@ def run(args: argparse.Namespace) -> list[str]:
 
     from unified_mm.eval import harmon_inference as inf
     from unified_mm.eval.geneval import write_geneval_folder
-    from unified_mm.eval.suite import checkpoint_stage, eval_image_size
-    from unified_mm.train.load import load_model
 
     records = [{"prompt": p} for p in args.prompt]
     if args.prompts:
@@ -114,17 +117,8 @@ def run(args: argparse.Namespace) -> list[str]:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if not os.path.exists(args.checkpoint):
-        raise ValueError(f"checkpoint path {args.checkpoint} does not exist")
-    loaded = load_model(args.checkpoint, step=args.step, prefer_ema=not args.no_ema)
-    if loaded.config.family != "harmon":
-        raise ValueError(
-            f"text-to-image needs a Harmon checkpoint, got family {loaded.config.family!r}"
-        )
-    stage = checkpoint_stage(loaded.config, loaded.meta)
-    settings = _settings(
-        args, loaded.config, eval_image_size(loaded.config.get("eval"), stage.image_size)
-    )
+    loaded = load_checkpoint_of(args, "harmon", "text-to-image")
+    settings = _settings(args, loaded.config, evaluation_image_size(loaded))
     image_size = settings.pop("image_size")
     limits = inf.model_limits(loaded.config)
     n = args.num_samples
