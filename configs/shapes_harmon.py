@@ -48,6 +48,7 @@ def model_config(smoke: bool) -> ml_collections.ConfigDict:
         dict(
             tokenizer="pixel",
             pixel_patch=8,
+            pixel_colour_cell=0,
             dtype="float32",
             remat=False,
             image_size=32,

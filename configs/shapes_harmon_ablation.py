@@ -13,19 +13,24 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=800,t2i=0,ema=0                  (and lr=1e-3, llm_depth=4, patch=4)
     steps=2000,i2t=0,geneval=8             generation alone, predicting v
     steps=800,t2i=0,ema=0,init=P           from a shape-taught encoder (and freeze_encoder)
+    steps=800,t2i=0,ema=0,colour_cell=4    factorised pixel tokens (occupancy + cell colour)
+    steps=1500,i2t=0,geneval=8,colour_cell=4
+    steps=800,t2i=0,ema=0,colour_cell=4,init=Q,freeze_encoder=true   (and steps=2000)
 
 P is the `harmon_official.safetensors` that
 `python -m unified_mm.tools.encoder_probe --checkpoint W --at-init --supervised --save-official D`
 writes for any work directory W of this config (the model at initialisation, its encoder trained
-on the per-shape counts).
+on the per-shape counts). Q is the same with ``--attributes shape colour`` (counts per shape and
+per colour) for a work directory W of ``colour_cell=4``.
 
 Arguments (``:key=value,...``): ``smoke`` (a few steps, for tests), ``steps``, ``i2t`` / ``t2i``
 (per-task batch; 0 leaves the task out), ``turns`` (QA turns per understanding sample), ``lr``,
 ``patch`` (pixel patch: 8 gives 4x4 tokens of 192-d, 4 gives 8x8 of 48-d), ``llm_depth``,
 ``prediction`` (``v`` or ``epsilon``), ``ema`` (decay; 0 evaluates the raw weights), ``geneval``
 (held-out prompts per category, two images each), ``vqa`` (held-out questions), ``init`` (a
-full model in the official Harmon layout to start from) and ``freeze_encoder`` (the MAR encoder
-does not train).
+full model in the official Harmon layout to start from), ``freeze_encoder`` (the MAR encoder
+does not train) and ``colour_cell`` (0: RGB patches; c > 0: the pixel tokenizer's factorised
+layout, each pixel's occupancy plus the mean colour of every c x c cell, 64 + 12 dims at c = 4).
 """
 
 import importlib.util
@@ -65,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vqa=300,
         init="",
         freeze_encoder=False,
+        colour_cell=0,
     )
     if a.i2t <= 0 and a.t2i <= 0:
         raise ValueError("shapes_harmon_ablation: i2t and t2i are both 0; nothing would train")
@@ -81,7 +87,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vae.stride = a.patch
     c.model.mar.vae_stride = a.patch
     c.model.mar.seq_h = c.model.mar.seq_w = grid
-    c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = 3 * a.patch**2
+    c.model.pixel_colour_cell = a.colour_cell
+    if a.colour_cell:
+        if a.patch % a.colour_cell:
+            raise ValueError(
+                f"shapes_harmon_ablation: colour_cell={a.colour_cell} does not divide patch={a.patch}"
+            )
+        token_dim = a.patch**2 + 3 * (a.patch // a.colour_cell) ** 2
+    else:
+        token_dim = 3 * a.patch**2
+    c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = token_dim
     c.model.mar.diffusion_prediction = a.prediction
     c.model.llm.num_hidden_layers = a.llm_depth
     c.data.qa_turns = a.turns

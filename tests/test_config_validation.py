@@ -132,6 +132,10 @@ def test_ablation_config_changes_one_thing_at_a_time():
     assert started.init.harmon_checkpoint == "/x/harmon_official.safetensors"
     assert "mar_encoder" not in started.stages.full.trainable
     assert "llm" in started.stages.full.trainable
+    factorised = _ablation("colour_cell=4")
+    assert factorised.model.pixel_colour_cell == 4
+    assert factorised.model.mar.vae_embed_dim == 64 + 3 * 4
+    _validate(factorised)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +144,7 @@ def test_ablation_config_changes_one_thing_at_a_time():
         ("i2t=0,t2i=0", "nothing would train"),
         ("patch=5", "patch=5 does not divide 32"),
         ("geneval=0", "at least 1 prompt per category"),
+        ("colour_cell=3", "colour_cell=3 does not divide patch=8"),
     ],
 )
 def test_ablation_config_refuses_impossible_arguments(arg, message):

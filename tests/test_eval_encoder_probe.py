@@ -9,7 +9,7 @@ from flax import nnx
 from test_inference_cli import random_model, smoke_config
 
 from unified_mm.data.shapes import ShapesDataset
-from unified_mm.data.shapes_render import SHAPES
+from unified_mm.data.shapes_render import COLOURS, SHAPES
 from unified_mm.eval import encoder_probe as ep
 from unified_mm.families.harmon import HarmonFamily
 
@@ -32,10 +32,15 @@ def test_labels_count_objects_per_shape():
     data = ShapesDataset("train", seed=0, image_size=32)
     for i in range(20):
         e = data[i]
-        labels = ep.shape_count_labels(e.objects)
+        labels = ep.count_labels(e.objects)
         assert labels.sum() == len(e.objects)
         for s, n in zip(SHAPES, labels):
             assert n == sum(o.shape == s for o in e.objects)
+        both = ep.count_labels(e.objects, ("shape", "colour"))
+        assert both.shape == (len(SHAPES) + len(COLOURS),) and both.sum() == 2 * len(e.objects)
+        np.testing.assert_array_equal(both[: len(SHAPES)], labels)
+        for c, n in zip(COLOURS, both[len(SHAPES) :]):
+            assert n == sum(o.colour == c for o in e.objects)
     images, labels = ep.shapes_split("heldout", 3, 32, seed=0)
     assert images.shape == (3, 32, 32, 3) and labels.shape == (3, len(SHAPES))
     assert images.min() >= -1.0 and images.max() <= 1.0
@@ -85,7 +90,7 @@ def test_shape_probe_on_a_random_model_reports_probe_and_baseline():
     for name in ("probe", "probe_train_split", "majority"):
         assert set(r[name]) == {"count_accuracy", "presence_accuracy", "all_exact"}
         assert all(0.0 <= v <= 1.0 for v in r[name].values())
-    assert set(r["per_shape_count_accuracy"]) == set(SHAPES)
+    assert set(r["per_label_count_accuracy"]) == set(SHAPES)
     assert r["feature_dim"] == config.model.mar.encoder_embed_dim and r["image_size"] == 32
 
 
@@ -121,3 +126,7 @@ def test_bad_settings_are_refused_in_one_line():
         ep.ProbeSettings(lr=0.0)
     with pytest.raises(ValueError, match="supervised probe steps must be >= 1"):
         ep.SupervisedSettings(steps=0)
+    with pytest.raises(ValueError, match=r"attributes must be distinct names from shape, colour"):
+        ep.ProbeSettings(attributes=("size",))
+    with pytest.raises(ValueError, match=r"attributes must be distinct"):
+        ep.SupervisedSettings(attributes=("shape", "shape"))

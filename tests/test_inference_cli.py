@@ -342,13 +342,12 @@ def test_encoder_probe_on_trained_and_initial_weights(workdir, tmp_path, capsys)
     assert report["settings"]["num_train"] == 48
     assert encoder_probe.main(["--checkpoint", workdir, *small, "--at-init", "--no-ema"]) == 0
     assert capsys.readouterr().out.startswith("shape probe (linear, init, 32 px)")
-    assert (
-        encoder_probe.main(["--checkpoint", workdir, *small, "--supervised", "--out", str(out)])
-        == 0
-    )
+    supervised = [*small, "--supervised", "--attributes", "shape", "colour", "--out", str(out)]
+    assert encoder_probe.main(["--checkpoint", workdir, *supervised]) == 0
     assert capsys.readouterr().out.startswith("shape probe (supervised, ema, 32 px)")
     report = json.loads(out.read_text())
     assert report["mode"] == "supervised" and report["settings"]["steps"] == 20
+    assert report["settings"]["attributes"] == ["shape", "colour"]
     assert report["settings"]["batch_size"] == 32  # the supervised defaults fill what is not given
     saved = tmp_path / "official"
     argv = [*small, "--supervised", "--at-init", "--save-official", str(saved)]

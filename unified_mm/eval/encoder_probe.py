@@ -2,7 +2,7 @@
 
 Features are the MAR encoder's output on an unmasked image (the understanding path's `x_enc`,
 before `proj_in`), averaged over the image tokens. Labels are how many objects of each shape the
-scene holds (0-4 per shape). One softmax head per shape is fit on frozen features of train-split
+scene holds (0-4 per shape; `attributes=("shape", "colour")` adds one count per colour). One softmax head per shape is fit on frozen features of train-split
 images (full batch, AdamW on standardised features) and scored on held-out images, every one of
 which holds a (shape, colour) pair never seen in training (`probe`), and on fresh train-split
 images (`probe_train_split`): a probe that reads shape through colour, which training correlates
@@ -27,12 +27,24 @@ import optax
 from flax import nnx
 
 from unified_mm.data.shapes import ShapesDataset
-from unified_mm.data.shapes_render import SHAPES, ObjectSpec
+from unified_mm.data.shapes_render import COLOURS, SHAPES, ObjectSpec
 
 MAX_COUNT = 4  # the dataset draws 1 to 4 objects
+# The object attributes a label set can count, each with its values in label order.
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOURS}
 
 
 def _check_settings(settings, label: str) -> None:
+    unknown = [a for a in settings.attributes if a not in ATTRIBUTE_VALUES]
+    if (
+        unknown
+        or not settings.attributes
+        or len(set(settings.attributes)) < len(settings.attributes)
+    ):
+        raise ValueError(
+            f"{label} attributes must be distinct names from {', '.join(ATTRIBUTE_VALUES)}, "
+            f"got {list(settings.attributes)}"
+        )
     for name in ("num_train", "num_test", "steps", "batch_size"):
         if getattr(settings, name) < 1:
             raise ValueError(f"{label} {name} must be >= 1, got {getattr(settings, name)}")
@@ -51,34 +63,54 @@ class ProbeSettings:
     weight_decay: float = 1e-4
     seed: int = 0
     batch_size: int = 256
+    attributes: tuple[str, ...] = ("shape",)
 
     def __post_init__(self):
         _check_settings(self, "probe")
 
 
-def shape_count_labels(objects: Sequence[ObjectSpec]) -> np.ndarray:
-    """[len(SHAPES)] int32: how many objects of each shape, in SHAPES order."""
-    counts = np.zeros(len(SHAPES), np.int32)
-    for o in objects:
-        counts[SHAPES.index(o.shape)] += 1
+def label_names(attributes: Sequence[str] = ("shape",)) -> tuple[str, ...]:
+    """The value each label column counts: every shape, then every colour (if asked)."""
+    return tuple(v for a in attributes for v in ATTRIBUTE_VALUES[a])
+
+
+def count_labels(
+    objects: Sequence[ObjectSpec], attributes: Sequence[str] = ("shape",)
+) -> np.ndarray:
+    """[len(label_names(attributes))] int32: how many objects hold each attribute value."""
+    counts = np.zeros(len(label_names(attributes)), np.int32)
+    offset = 0
+    for a in attributes:
+        values = ATTRIBUTE_VALUES[a]
+        for o in objects:
+            counts[offset + values.index(getattr(o, a))] += 1
+        offset += len(values)
     return counts
 
 
-def shapes_split(split: str, n: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images [n, S, S, 3] in [-1, 1], labels [n, len(SHAPES)]) of the first n examples."""
+def shapes_split(
+    split: str, n: int, image_size: int, seed: int, attributes: Sequence[str] = ("shape",)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images [n, S, S, 3] in [-1, 1], labels [n, labels]) of the first n examples."""
     data = ShapesDataset(split, seed=seed, image_size=image_size)
     examples = [data[i] for i in range(n)]
     images = np.stack([e.image for e in examples]).astype(np.float32) / 127.5 - 1.0
-    return images, np.stack([shape_count_labels(e.objects) for e in examples])
+    return images, np.stack([count_labels(e.objects, attributes) for e in examples])
 
 
-def probe_splits(image_size: int, num_train: int, num_test: int, seed: int) -> dict:
+def probe_splits(
+    image_size: int,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    attributes: Sequence[str] = ("shape",),
+) -> dict:
     """Fit images (train split), fresh train-split images and held-out images, with labels."""
-    x, y = shapes_split("train", num_train + num_test, image_size, seed)
+    x, y = shapes_split("train", num_train + num_test, image_size, seed, attributes)
     return {
         "fit": (x[:num_train], y[:num_train]),
         "train_split": (x[num_train:], y[num_train:]),
-        "heldout": shapes_split("heldout", num_test, image_size, seed),
+        "heldout": shapes_split("heldout", num_test, image_size, seed, attributes),
     }
 
 
@@ -112,7 +144,7 @@ def encoder_features(model: nnx.Module, images: np.ndarray, batch_size: int = 25
 def fit_linear_probe(
     features: np.ndarray, labels: np.ndarray, settings: ProbeSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Softmax heads [De, shapes, MAX_COUNT + 1]: returns (weight, bias, mean, std)."""
+    """Softmax heads [De, labels, MAX_COUNT + 1]: returns (weight, bias, mean, std)."""
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = jnp.asarray((features - mean) / std)
     y = jnp.asarray(labels)
@@ -143,7 +175,7 @@ def fit_linear_probe(
 
 
 def score_counts(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy of per-shape counts [N, shapes]: count, presence (count > 0) and all-exact."""
+    """Accuracy of counts [N, labels]: count, presence (count > 0) and all-exact."""
     return {
         "count_accuracy": float((predicted == labels).mean()),
         "presence_accuracy": float(((predicted > 0) == (labels > 0)).mean()),
@@ -152,7 +184,7 @@ def score_counts(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def majority_scores(train_labels: np.ndarray, test_labels: np.ndarray) -> dict[str, float]:
-    """The baseline that predicts each shape's most frequent train count."""
+    """The baseline that predicts each label's most frequent train count."""
     majority = np.array(
         [np.bincount(column, minlength=MAX_COUNT + 1).argmax() for column in train_labels.T]
     )
@@ -161,7 +193,9 @@ def majority_scores(train_labels: np.ndarray, test_labels: np.ndarray) -> dict[s
 
 def shape_probe(model: nnx.Module, image_size: int, settings: ProbeSettings) -> dict:
     """Fit on train-split features, score on held-out ones; also the majority baseline."""
-    splits = probe_splits(image_size, settings.num_train, settings.num_test, settings.seed)
+    splits = probe_splits(
+        image_size, settings.num_train, settings.num_test, settings.seed, settings.attributes
+    )
     train_x, train_y = splits["fit"]
     test_x, test_y = splits["heldout"]
     f_train = encoder_features(model, train_x, settings.batch_size)
@@ -178,8 +212,9 @@ def shape_probe(model: nnx.Module, image_size: int, settings: ProbeSettings) -> 
         "probe_train_split": score_counts(
             predict(splits["train_split"][0]), splits["train_split"][1]
         ),
-        "per_shape_count_accuracy": {
-            s: float((predicted[:, i] == test_y[:, i]).mean()) for i, s in enumerate(SHAPES)
+        "per_label_count_accuracy": {
+            s: float((predicted[:, i] == test_y[:, i]).mean())
+            for i, s in enumerate(label_names(settings.attributes))
         },
         "image_size": int(image_size),
         "feature_dim": int(f_train.shape[1]),
@@ -200,6 +235,7 @@ class SupervisedSettings:
     num_train: int = 20000
     num_test: int = 1000
     seed: int = 0
+    attributes: tuple[str, ...] = ("shape",)
 
     def __post_init__(self):
         _check_settings(self, "supervised probe")
@@ -221,17 +257,18 @@ def supervised_shape_probe(
     Harmon family's "mar_encoder" group) picks the parameters that train; nothing else changes,
     weight decay included.
     """
-    splits = probe_splits(image_size, settings.num_train, settings.num_test, settings.seed)
+    splits = probe_splits(
+        image_size, settings.num_train, settings.num_test, settings.seed, settings.attributes
+    )
     train_x, train_y = splits["fit"]
     test_x, test_y = splits["heldout"]
     width = model.cfg.mar.encoder_embed_dim
+    n_labels = train_y.shape[1]
     graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, trainable), ...)
     rng = np.random.default_rng(settings.seed)
     head = {
-        "w": jnp.asarray(
-            rng.normal(0, width**-0.5, (width, len(SHAPES), MAX_COUNT + 1)), jnp.float32
-        ),
-        "b": jnp.zeros((len(SHAPES), MAX_COUNT + 1), jnp.float32),
+        "w": jnp.asarray(rng.normal(0, width**-0.5, (width, n_labels, MAX_COUNT + 1)), jnp.float32),
+        "b": jnp.zeros((n_labels, MAX_COUNT + 1), jnp.float32),
     }
     warmup = min(settings.warmup_steps, settings.steps // 2)  # short runs still decay
     schedule = optax.warmup_cosine_decay_schedule(

@@ -50,7 +50,8 @@ def _under(top: str, parts: frozenset[str] | None = None):
 
 def harmon_config_from(model_cfg: ml_collections.ConfigDict, tokenizer=None) -> HarmonConfig:
     """HarmonConfig from a config's ``model`` section (the fixtures' config.json layout plus
-    ``dtype``, ``remat``, ``tokenizer`` ("kl16" | "pixel") and ``pixel_patch``)."""
+    ``dtype``, ``remat``, ``tokenizer`` ("kl16" | "pixel"), ``pixel_patch`` and
+    ``pixel_colour_cell``)."""
     d = model_cfg.to_dict()
     cfg = HarmonConfig.from_fixture_json(
         d,
@@ -58,6 +59,7 @@ def harmon_config_from(model_cfg: ml_collections.ConfigDict, tokenizer=None) -> 
         remat=bool(d.get("remat", False)),
         tokenizer=d.get("tokenizer", "kl16"),
         pixel_patch=d.get("pixel_patch"),
+        pixel_colour_cell=int(d.get("pixel_colour_cell", 0)),
     )
     # Official 0.1 protects a pretrained MAR encoder from the understanding loss; a model trained
     # from scratch may want the full gradient (``model.harmon.grad_scale``).

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="AdamW steps")
     ap.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
     ap.add_argument("--seed", type=int, default=0, help="shapes data seed")
+    ap.add_argument(
+        "--attributes",
+        nargs="+",
+        default=["shape"],
+        choices=("shape", "colour"),
+        help="count objects per value of these (default: shape; 'shape colour' adds colours)",
+    )
     ap.add_argument("--out", default=None, help="also write the JSON report here")
     return ap
 
@@ -72,7 +79,11 @@ def run(args: argparse.Namespace) -> dict:
     settings_type = (
         encoder_probe.SupervisedSettings if args.supervised else encoder_probe.ProbeSettings
     )
-    settings = settings_type(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    settings = settings_type(
+        seed=args.seed,
+        attributes=tuple(args.attributes),
+        **{k: v for k, v in given.items() if v is not None},
+    )
     if args.save_official and not args.supervised:
         raise ValueError("--save-official needs --supervised (the linear probe trains no weights)")
     loaded = load_checkpoint_of(args, "harmon", "the encoder probe")

@@ -91,11 +91,13 @@ class HarmonConfig:
         remat: bool = False,
         tokenizer: str = "kl16",
         pixel_patch: int | None = None,
+        pixel_colour_cell: int = 0,
     ) -> HarmonConfig:
         """Reads the fixture / bench config.json format (sections vae, mar, llm, harmon, fixture).
 
         tokenizer="pixel" swaps the KL-16 VAE for `PixelPatchTokenizer` with patch `pixel_patch`
-        (default: the VAE stride); MAR then embeds 3 * patch^2 channels per token.
+        (default: the VAE stride); MAR then embeds 3 * patch^2 channels per token, or the factorised
+        occupancy + cell-colour layout when `pixel_colour_cell` > 0 (`PixelTokenizerConfig`).
         """
         if tokenizer not in ("kl16", "pixel"):
             raise ValueError(f"tokenizer must be 'kl16' or 'pixel', got {tokenizer!r}")
@@ -109,7 +111,7 @@ class HarmonConfig:
             )
         else:
             p = int(pixel_patch or d["vae"].get("stride", 16))
-            pixel = PixelTokenizerConfig(patch=p, scale=scale)
+            pixel = PixelTokenizerConfig(patch=p, scale=scale, colour_cell=int(pixel_colour_cell))
             mar = dataclasses.replace(mar, vae_embed_dim=pixel.token_dim, patch_size=1)
         llm = Qwen2Config.from_hf_dict(d["llm"], dtype=dtype, remat=remat)
         proj_in = h.get("proj_in", [mar.encoder_embed_dim, llm.hidden_size, llm.hidden_size])

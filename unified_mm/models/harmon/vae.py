@@ -364,15 +364,37 @@ class AutoencoderKL(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PixelTokenizerConfig:
-    """Pixel patches as tokens: C = 3 * patch * patch, tokens = patches * scale."""
+    """Pixel patches as tokens, scaled by `scale`.
+
+    `colour_cell` 0: the RGB patch, C = 3 * patch^2. `colour_cell` c > 0: the factorised layout
+    for flat-coloured objects on a black background, C = patch^2 + 3 * (patch / c)^2: every
+    pixel's occupancy (+1 object, -1 background) followed by the mean colour of the object pixels
+    in each c x c cell (-1 where a cell is empty). Shape lives in the occupancy channels whatever
+    the colour, and colour in its own channels whatever the shape.
+    """
 
     patch: int = 16
     scale: float = 1.0
     in_channels: int = 3
+    colour_cell: int = 0
+
+    def __post_init__(self):
+        if self.colour_cell < 0 or (self.colour_cell and self.patch % self.colour_cell):
+            raise ValueError(
+                f"pixel tokenizer colour_cell {self.colour_cell} must be 0 or divide the patch "
+                f"{self.patch}"
+            )
 
     @property
     def token_dim(self) -> int:
+        if self.colour_cell:
+            return self.patch**2 + self.in_channels * (self.patch // self.colour_cell) ** 2
         return self.in_channels * self.patch**2
+
+
+# A pixel whose brightest channel exceeds this (in [0, 1]) is an object pixel: the background is
+# black and the darkest palette colour's brightest channel is ~0.7.
+OCCUPANCY_THRESHOLD = 0.25
 
 
 class PixelPatchTokenizer(nnx.Module):
@@ -390,7 +412,31 @@ class PixelPatchTokenizer(nnx.Module):
         return self.cfg.patch
 
     def tokenize(self, images: jax.Array) -> jax.Array:
-        return patchify_latents(images.astype(jnp.float32), self.cfg.patch) * self.cfg.scale
+        images = images.astype(jnp.float32)
+        p, c = self.cfg.patch, self.cfg.colour_cell
+        if not c:
+            return patchify_latents(images, p) * self.cfg.scale
+        unit = (images + 1.0) * 0.5
+        occupied = (unit.max(axis=-1, keepdims=True) > OCCUPANCY_THRESHOLD).astype(jnp.float32)
+        b, h, w, ch = unit.shape
+        cells = (unit * occupied).reshape(b, h // c, c, w // c, c, ch).sum(axis=(2, 4))
+        counts = occupied.reshape(b, h // c, c, w // c, c, 1).sum(axis=(2, 4))
+        colour = cells / jnp.maximum(counts, 1.0)
+        tokens = jnp.concatenate(
+            [
+                patchify_latents(occupied * 2.0 - 1.0, p),
+                patchify_latents(colour * 2.0 - 1.0, p // c),
+            ],
+            axis=-1,
+        )
+        return tokens * self.cfg.scale
 
     def detokenize(self, tokens: jax.Array) -> jax.Array:
-        return unpatchify_latents(tokens.astype(jnp.float32) / self.cfg.scale, self.cfg.patch)
+        tokens = tokens.astype(jnp.float32) / self.cfg.scale
+        p, c = self.cfg.patch, self.cfg.colour_cell
+        if not c:
+            return unpatchify_latents(tokens, p)
+        occupied = jnp.clip((unpatchify_latents(tokens[..., : p * p], p) + 1.0) * 0.5, 0.0, 1.0)
+        colour = (unpatchify_latents(tokens[..., p * p :], p // c) + 1.0) * 0.5
+        colour = jnp.repeat(jnp.repeat(colour, c, axis=1), c, axis=2)
+        return occupied * colour * 2.0 - 1.0
