@@ -10,6 +10,7 @@ from unified_mm.data.shapes import (
     QTYPES,
     ObjectGroup,
     PromptSpec,
+    ShapesDataset,
     geneval_prompts,
 )
 from unified_mm.data.shapes_render import ObjectSpec, render_objects
@@ -120,6 +121,13 @@ def test_geneval_folder_round_trip(tmp_path):
         geneval.score_geneval_folder(str(tmp_path / "00000" / "samples"))
 
 
+class _WordCount:
+    """The one tokenizer method `evaluate_vqa` needs: a token per word."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+
 def test_vqa_questions_and_scoring():
     qs = vqa.heldout_questions(60, image_size=32)
     # shapes-VQA is the short-answer types; captioning is asked separately
@@ -139,6 +147,21 @@ def test_vqa_questions_and_scoring():
     assert vqa.normalize_answer("  Two  Red squares. ") == "two red squares"
     with pytest.raises(ValueError):
         vqa.score_answers(qs, answers[:-1])
+    # evaluate_vqa asks about the split it is given: train-split scenes hold no held-out pair.
+    asked = {}
+
+    def record(images, questions, budget):
+        asked["n"] = len(images)
+        return ["no"] * len(images)
+
+    summary, _ = vqa.evaluate_vqa(record, _WordCount(), num_questions=30, image_size=32)
+    train, _ = vqa.evaluate_vqa(
+        record, _WordCount(), num_questions=30, image_size=32, split="train"
+    )
+    assert asked["n"] == 30 and summary["questions"] == train["questions"] == 30
+    train_data = ShapesDataset("train", seed=0, image_size=32)
+    for q in vqa.heldout_questions(10, image_size=32, split="train"):
+        assert np.array_equal(q.image, train_data[q.index].image)
 
 
 def test_score_generations_checks_the_layout():

@@ -43,6 +43,8 @@ def test_evaluate_cli_report_schema(workdir, tmp_path):
             "1",
             "--vqa-questions",
             "6",
+            "--vqa-train-split",
+            "5",
             "--detector-images",
             "40",
             "--batch-size",
@@ -62,6 +64,8 @@ def test_evaluate_cli_report_schema(workdir, tmp_path):
     )
     assert rep["geneval_ground_truth"]["overall"] >= 0.8
     assert rep["vqa"]["questions"] == 6 and 0.0 <= rep["vqa"]["overall"] <= 1.0
+    assert rep["vqa_train_split"]["questions"] == 5
+    assert 0.0 <= rep["vqa_train_split"]["overall"] <= 1.0
     assert "skipped" in rep["fid"] and "Inception" in rep["fid"]["skipped"]
     assert rep["geneval_settings"]["images_per_prompt"] == 1
     stem = tmp_path / "eval" / f"full_step{STEP}"

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--geneval-prompts-per-category", type=int, default=None)
     g.add_argument("--geneval-images-per-prompt", type=int, default=None)
     g.add_argument("--vqa-questions", type=int, default=None)
+    g.add_argument(
+        "--vqa-train-split",
+        type=int,
+        default=None,
+        help="also ask this many questions about fresh train-split images (0: off)",
+    )
     g.add_argument("--detector-images", type=int, default=None)
     g.add_argument("--num-iter", type=int, default=None, help="AR steps")
     g.add_argument("--diffusion-steps", type=int, default=None, help="DDPM steps per AR step")
@@ -56,6 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "geneval_prompts_per_category": args.geneval_prompts_per_category,
         "geneval_images_per_prompt": args.geneval_images_per_prompt,
         "vqa_questions": args.vqa_questions,
+        "vqa_train_split_questions": args.vqa_train_split,
         "detector_images": args.detector_images,
         "num_iter": args.num_iter,
         "num_diffusion_steps": args.diffusion_steps,

@@ -14,13 +14,16 @@ Report keys (`REPORT_KEYS`):
   t2i_conditioning            whether generation uses its prompt and visible tokens
                               (eval/conditioning.py: text_gap, context_gap; ~0 = ignored)
   vqa                         shapes-VQA exact match per question type, "overall", "mean_per_type"
+  vqa_train_split             the same on fresh train-split images (only when asked for)
   fid                         {"fid", "images"} or {"skipped": reason}
   seconds                     wall time per part
 
 Settings come from `config.eval`: geneval_prompts_per_category, geneval_images_per_prompt,
 vqa_questions, image_size (0: the stage's), num_iter, cfg, cfg_schedule, temperature, and the
 optional num_diffusion_steps, fid_inception_path, detector_images (default 200), seed (default 0),
-batch_size (default 64), conditioning_pairs (default 32; < 2 skips the probe). Sample grids and per-item results go to `<workdir>/eval/`.
+batch_size (default 64), conditioning_pairs (default 32; < 2 skips the probe),
+vqa_train_split_questions (default 0: off; else the VQA also on fresh train-split images,
+`vqa_train_split`). Sample grids and per-item results go to `<workdir>/eval/`.
 """
 
 from __future__ import annotations
@@ -199,6 +202,18 @@ def evaluate_harmon(
         "exact_match": caption_summary["overall"],
         "questions": caption_summary["questions"],
     }
+    train_split = int(_get(ev, "vqa_train_split_questions", 0) or 0)
+    if train_split > 0:
+        # Same questions types on fresh train-split images: a model that scores here and not on
+        # held-out images learned the task but not the held-out (shape, colour) pairs.
+        report["vqa_train_split"], _ = vqa.evaluate_vqa(
+            answer,
+            family.tokenizer,
+            num_questions=train_split,
+            image_size=image_size,
+            seed=seed,
+            split="train",
+        )
     seconds["vqa"] = time.perf_counter() - t
 
     # -- FID (only with a user-given Inception file)
@@ -288,6 +303,12 @@ def format_table(report: dict) -> str:
         "  shapes-VQA         overall {:.3f} | ".format(q.get("overall", float("nan")))
         + " ".join(f"{t} {q[t]:.2f}" for t in QTYPES if t in q),
     ]
+    if "vqa_train_split" in report:
+        t = report["vqa_train_split"]
+        lines.append(
+            "  VQA, train split   overall {:.3f} | ".format(t["overall"])
+            + " ".join(f"{k} {t[k]:.2f}" for k in QTYPES if k in t)
+        )
     if "captioning" in report:
         lines.append(
             "  caption exact match {:.3f} ({} held-out images)".format(

@@ -114,9 +114,13 @@ def evaluate_vqa(
     image_size: int,
     seed: int = 0,
     qtypes: Sequence[str] = VQA_TYPES,
+    split: str = "heldout",
 ) -> tuple[dict, list[dict]]:
-    """Asks `answer_fn(images, questions, max_new_tokens)` the held-out questions and scores them."""
-    questions = heldout_questions(num_questions, image_size=image_size, seed=seed, qtypes=qtypes)
+    """Asks `answer_fn(images, questions, max_new_tokens)` the held-out questions and scores them
+    (`split="train"`: fresh train-split images instead, the learned-but-not-generalised check)."""
+    questions = heldout_questions(
+        num_questions, image_size=image_size, seed=seed, qtypes=qtypes, split=split
+    )
     answers = answer_fn(
         [q.image for q in questions],
         [q.question for q in questions],
