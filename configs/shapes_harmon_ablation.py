@@ -40,6 +40,7 @@ import ml_collections
 
 from unified_mm.config.args import parse_arg
 from unified_mm.config.base import stage
+from unified_mm.models.harmon.vae import PixelTokenizerConfig
 
 IMAGE_SIZE = 32
 
@@ -88,14 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mar.vae_stride = a.patch
     c.model.mar.seq_h = c.model.mar.seq_w = grid
     c.model.pixel_colour_cell = a.colour_cell
-    if a.colour_cell:
-        if a.patch % a.colour_cell:
-            raise ValueError(
-                f"shapes_harmon_ablation: colour_cell={a.colour_cell} does not divide patch={a.patch}"
-            )
-        token_dim = a.patch**2 + 3 * (a.patch // a.colour_cell) ** 2
-    else:
-        token_dim = 3 * a.patch**2
+    token_dim = PixelTokenizerConfig(patch=a.patch, colour_cell=a.colour_cell).token_dim
     c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = token_dim
     c.model.mar.diffusion_prediction = a.prediction
     c.model.llm.num_hidden_layers = a.llm_depth

@@ -144,7 +144,7 @@ def test_ablation_config_changes_one_thing_at_a_time():
         ("i2t=0,t2i=0", "nothing would train"),
         ("patch=5", "patch=5 does not divide 32"),
         ("geneval=0", "at least 1 prompt per category"),
-        ("colour_cell=3", "colour_cell=3 does not divide patch=8"),
+        ("colour_cell=3", "colour_cell 3 must be 0 or divide the patch 8"),
     ],
 )
 def test_ablation_config_refuses_impossible_arguments(arg, message):

@@ -284,6 +284,8 @@ def test_factorised_pixel_tokenizer_separates_occupancy_and_colour():
     assert sum(ok) >= 39, f"{sum(ok)} of 40 reconstructions read back"
     with pytest.raises(ValueError, match="colour_cell 3 must be 0 or divide the patch 8"):
         PixelTokenizerConfig(patch=8, colour_cell=3)
+    with pytest.raises(ValueError, match="pixel_colour_cell 4 is a pixel-tokenizer layout"):
+        HarmonConfig.from_fixture_json(TINY, pixel_colour_cell=4)
 
 
 def test_mar_pos_embed_splits_buffers_first(tiny):

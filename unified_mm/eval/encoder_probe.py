@@ -2,8 +2,9 @@
 
 Features are the MAR encoder's output on an unmasked image (the understanding path's `x_enc`,
 before `proj_in`), averaged over the image tokens. Labels are how many objects of each shape the
-scene holds (0-4 per shape; `attributes=("shape", "colour")` adds one count per colour). One softmax head per shape is fit on frozen features of train-split
-images (full batch, AdamW on standardised features) and scored on held-out images, every one of
+scene holds (0-4 per shape; `attributes=("shape", "colour")` adds one count per colour). One
+softmax head per label is fit on frozen features of train-split images (full batch, AdamW on
+standardised features) and scored on held-out images, every one of
 which holds a (shape, colour) pair never seen in training (`probe`), and on fresh train-split
 images (`probe_train_split`): a probe that reads shape through colour, which training correlates
 with shape by leaving the held-out pairs out, does well on the second and fails the first.

@@ -204,7 +204,7 @@ def evaluate_harmon(
     }
     train_split = int(_get(ev, "vqa_train_split_questions", 0) or 0)
     if train_split > 0:
-        # Same questions types on fresh train-split images: a model that scores here and not on
+        # The same question types on fresh train-split images: a model that scores here and not on
         # held-out images learned the task but not the held-out (shape, colour) pairs.
         report["vqa_train_split"], _ = vqa.evaluate_vqa(
             answer,

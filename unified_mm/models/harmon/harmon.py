@@ -101,6 +101,11 @@ class HarmonConfig:
         """
         if tokenizer not in ("kl16", "pixel"):
             raise ValueError(f"tokenizer must be 'kl16' or 'pixel', got {tokenizer!r}")
+        if tokenizer == "kl16" and pixel_colour_cell:
+            raise ValueError(
+                f"pixel_colour_cell {pixel_colour_cell} is a pixel-tokenizer layout; the KL-16 VAE "
+                "has none"
+            )
         h, fx = d.get("harmon", {}), d.get("fixture", {})
         mar = MARConfig.from_fixture_json(d["mar"], dtype=dtype, remat=remat)
         scale = float(h.get("vae_scale", d["vae"].get("scale", 0.2325)))
