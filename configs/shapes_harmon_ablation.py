@@ -15,7 +15,8 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=800,t2i=0,ema=0,init=P           from a shape-taught encoder (and freeze_encoder)
     steps=800,t2i=0,ema=0,colour_cell=4    factorised pixel tokens (occupancy + cell colour)
     steps=1500,i2t=0,geneval=8,colour_cell=4
-    steps=800,t2i=0,ema=0,colour_cell=4,init=Q,freeze_encoder=true   (and steps=2000)
+    steps=800,t2i=0,ema=0,colour_cell=4,init=Q,freeze_encoder=true   (and steps=2000;
+                                           and without freeze_encoder)
 
 P is the `harmon_official.safetensors` that
 `python -m unified_mm.tools.encoder_probe --checkpoint W --at-init --supervised --save-official D`
