@@ -14,7 +14,7 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=2000,i2t=0,geneval=8             generation alone, predicting v
     steps=800,t2i=0,ema=0,init=P           from a shape-taught encoder (and freeze_encoder)
     steps=800,t2i=0,ema=0,colour_cell=4    factorised pixel tokens (occupancy + cell colour)
-    steps=1500,i2t=0,geneval=8,colour_cell=4
+    steps=1500,i2t=0,geneval=8,colour_cell=4   (and patch=16)
     steps=800,t2i=0,ema=0,colour_cell=4,init=Q,freeze_encoder=true   (and steps=2000;
                                            and without freeze_encoder)
 
@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vae.stride = a.patch
     c.model.mar.vae_stride = a.patch
     c.model.mar.seq_h = c.model.mar.seq_w = grid
+    c.eval.num_iter = min(c.eval.num_iter, grid * grid)  # one AR step per token at most
     c.model.pixel_colour_cell = a.colour_cell
     token_dim = PixelTokenizerConfig(patch=a.patch, colour_cell=a.colour_cell).token_dim
     c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = token_dim

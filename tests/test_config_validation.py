@@ -132,6 +132,13 @@ def test_ablation_config_changes_one_thing_at_a_time():
     assert started.init.harmon_checkpoint == "/x/harmon_official.safetensors"
     assert "mar_encoder" not in started.stages.full.trainable
     assert "llm" in started.stages.full.trainable
+    coarse = _ablation("patch=16")
+    assert coarse.model.mar.seq_h == 2 and coarse.eval.num_iter == 4
+    _validate(coarse)
+    with coarse.unlocked():
+        coarse.eval.num_iter = 5
+    with pytest.raises(ValueError, match="eval.num_iter 5 exceeds the 4 tokens of a 32 px image"):
+        _validate(coarse)
     factorised = _ablation("colour_cell=4")
     assert factorised.model.pixel_colour_cell == 4
     assert factorised.model.mar.vae_embed_dim == 64 + 3 * 4

@@ -143,12 +143,24 @@ class HarmonFamily(ModelFamily):
 
     def validate(self, stages) -> None:
         stride = self.model_cfg.stride
+        ev = self.config.get("eval", None)
+        num_iter = int(ev.get("num_iter", 0) or 0) if ev is not None else 0
+        eval_size = int(ev.get("image_size", 0) or 0) if ev is not None else 0
         for s in stages:
             if s.image_size % stride:
                 raise ValueError(
                     f"stage {s.name!r}: image_size {s.image_size} is not a multiple of the "
                     f"tokenizer stride {stride}"
                 )
+            # Previews and the evaluation after the stage sample at least one token per AR step:
+            # catch it here, not after the stage has trained.
+            for size in sorted({s.image_size, eval_size or s.image_size}):
+                h, w = self.model_cfg.latent_grid(size)
+                if num_iter > h * w:
+                    raise ValueError(
+                        f"stage {s.name!r}: eval.num_iter {num_iter} exceeds the {h * w} tokens "
+                        f"of a {size} px image"
+                    )
 
     def image_tokens(self, image_size: int) -> int:
         """LLM rows per image in the understanding path: latent tokens plus buffers."""
