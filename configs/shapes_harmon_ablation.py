@@ -17,6 +17,8 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=1500,i2t=0,geneval=8,colour_cell=4   (and patch=16)
     steps=800,t2i=0,ema=0,colour_cell=4,init=Q,freeze_encoder=true   (and steps=2000;
                                            and without freeze_encoder)
+    steps=1500,i2t=0,geneval=8,mask_min=0.0    MAR's masking down to no masked token
+    steps=3500,i2t=0,geneval=8,mask_min=0.0 --config.model.mar.diffusion_batch_mul=1
 
 P is the `harmon_official.safetensors` that
 `python -m unified_mm.tools.encoder_probe --checkpoint W --at-init --supervised --save-official D`
@@ -30,8 +32,10 @@ Arguments (``:key=value,...``): ``smoke`` (a few steps, for tests), ``steps``, `
 ``prediction`` (``v`` or ``epsilon``), ``ema`` (decay; 0 evaluates the raw weights), ``geneval``
 (held-out prompts per category, two images each), ``vqa`` (held-out questions), ``init`` (a
 full model in the official Harmon layout to start from), ``freeze_encoder`` (the MAR encoder
-does not train) and ``colour_cell`` (0: RGB patches; c > 0: the pixel tokenizer's factorised
-layout, each pixel's occupancy plus the mean colour of every c x c cell, 64 + 12 dims at c = 4).
+does not train), ``colour_cell`` (0: RGB patches; c > 0: the pixel tokenizer's factorised
+layout, each pixel's occupancy plus the mean colour of every c x c cell, 64 + 12 dims at c = 4)
+and ``mask_min`` (MAR's `mask_ratio_min`: the training mask ratio is drawn from N(1, 0.25^2)
+truncated to [mask_min, 1]; 0.7 is MAR's value, 0 lets training see up to every token).
 """
 
 import importlib.util
@@ -73,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init="",
         freeze_encoder=False,
         colour_cell=0,
+        mask_min=0.7,
     )
     if a.i2t <= 0 and a.t2i <= 0:
         raise ValueError("shapes_harmon_ablation: i2t and t2i are both 0; nothing would train")
@@ -94,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     token_dim = PixelTokenizerConfig(patch=a.patch, colour_cell=a.colour_cell).token_dim
     c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = token_dim
     c.model.mar.diffusion_prediction = a.prediction
+    c.model.mar.mask_ratio_min = a.mask_min
     c.model.llm.num_hidden_layers = a.llm_depth
     c.data.qa_turns = a.turns
 

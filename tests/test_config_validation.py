@@ -143,6 +143,9 @@ def test_ablation_config_changes_one_thing_at_a_time():
     assert factorised.model.pixel_colour_cell == 4
     assert factorised.model.mar.vae_embed_dim == 64 + 3 * 4
     _validate(factorised)
+    unmasked = _ablation("mask_min=0.0")
+    assert unmasked.model.mar.mask_ratio_min == 0.0 and base.model.mar.mask_ratio_min == 0.7
+    _validate(unmasked)
 
 
 @pytest.mark.parametrize(

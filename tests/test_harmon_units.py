@@ -394,3 +394,13 @@ def test_v_prediction_config_reaches_the_diffusion_head(tiny):
         "diffusion_prediction": "v",
     }
     assert MARConfig.from_fixture_json(d).diffloss.prediction == "v"
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_mask_ratio_min_outside_unit_interval_is_refused(tiny, ratio):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=f"mask_ratio_min={ratio} must lie in"):
+        dataclasses.replace(tiny[0].mar, mask_ratio_min=ratio)
+    relaxed = dataclasses.replace(tiny[0].mar, mask_ratio_min=0.0)
+    assert relaxed.max_visible(16) == 16

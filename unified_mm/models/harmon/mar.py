@@ -74,6 +74,8 @@ class MARConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        if not 0.0 <= self.mask_ratio_min <= 1.0:
+            raise ValueError(f"MAR mask_ratio_min={self.mask_ratio_min} must lie in [0, 1]")
         for name in ("encoder", "decoder"):
             d, h = getattr(self, f"{name}_embed_dim"), getattr(self, f"{name}_num_heads")
             if d % h:
