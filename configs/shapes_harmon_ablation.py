@@ -17,7 +17,7 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=1500,i2t=0,geneval=8,colour_cell=4   (and patch=16)
     steps=800,t2i=0,ema=0,colour_cell=4,init=Q,freeze_encoder=true   (and steps=2000;
                                            and without freeze_encoder)
-    steps=1500,i2t=0,geneval=8,mask_min=0.0    MAR's masking down to no masked token
+    steps=1500,i2t=0,geneval=8,mask_min=0.0    training mask ratios down to 0 (MAR: 0.7)
     steps=3500,i2t=0,geneval=8,mask_min=0.0 --config.model.mar.diffusion_batch_mul=1
 
 P is the `harmon_official.safetensors` that
