@@ -129,14 +129,14 @@ class _WordCount:
 
 
 def test_vqa_questions_and_scoring():
-    qs = vqa.heldout_questions(60, image_size=32)
+    qs = vqa.shapes_questions(60, image_size=32)
     # shapes-VQA is the short-answer types; captioning is asked separately
     assert len(qs) == 60 and {q.qtype for q in qs} == set(QTYPES) - {"caption"}
-    caps = vqa.heldout_questions(3, image_size=32, qtypes=vqa.CAPTION_TYPES)
+    caps = vqa.shapes_questions(3, image_size=32, qtypes=vqa.CAPTION_TYPES)
     assert [q.question for q in caps] == ["Describe the image."] * 3
     with pytest.raises(ValueError, match="subset"):
-        vqa.heldout_questions(3, image_size=32, qtypes=("colour", "weather"))
-    again = vqa.heldout_questions(60, image_size=32)
+        vqa.shapes_questions(3, image_size=32, qtypes=("colour", "weather"))
+    again = vqa.shapes_questions(60, image_size=32)
     assert [(q.question, q.answer) for q in qs] == [(q.question, q.answer) for q in again]
     assert all(q.image.shape == (32, 32, 3) for q in qs)
     answers = [q.answer.upper() + "." if i % 2 == 0 else "wrong" for i, q in enumerate(qs)]
@@ -160,7 +160,7 @@ def test_vqa_questions_and_scoring():
     )
     assert asked["n"] == 30 and summary["questions"] == train["questions"] == 30
     train_data = ShapesDataset("train", seed=0, image_size=32)
-    for q in vqa.heldout_questions(10, image_size=32, split="train"):
+    for q in vqa.shapes_questions(10, image_size=32, split="train"):
         assert np.array_equal(q.image, train_data[q.index].image)
 
 

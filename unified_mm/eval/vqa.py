@@ -31,10 +31,10 @@ class Question:
     question: str
     answer: str
     qtype: str
-    index: int  # held-out example index
+    index: int  # example index in its split
 
 
-def heldout_questions(
+def shapes_questions(
     n: int,
     *,
     image_size: int,
@@ -42,7 +42,7 @@ def heldout_questions(
     split: str = "heldout",
     qtypes: Sequence[str] = VQA_TYPES,
 ) -> list[Question]:
-    """`n` questions, one per example, the types of `qtypes` in turn."""
+    """`n` questions about the first `n` examples of `split`, the types of `qtypes` in turn."""
     if n < 1:
         raise ValueError(f"number of VQA questions must be >= 1, got {n}")
     unknown = [t for t in qtypes if t not in QTYPES]
@@ -62,7 +62,7 @@ def heldout_questions(
                 break
         pool = by_type[qtype]
         if not pool:
-            raise ValueError(f"held-out example {i} has no question of types {list(qtypes)}")
+            raise ValueError(f"{split} example {i} has no question of types {list(qtypes)}")
         rng = np.random.default_rng((seed, 0x7A5, i))
         q, a = pool[int(rng.integers(len(pool)))]
         out.append(Question(ex.image, q, a, qtype, i))
@@ -118,7 +118,7 @@ def evaluate_vqa(
 ) -> tuple[dict, list[dict]]:
     """Asks `answer_fn(images, questions, max_new_tokens)` the held-out questions and scores them
     (`split="train"`: fresh train-split images instead, the learned-but-not-generalised check)."""
-    questions = heldout_questions(
+    questions = shapes_questions(
         num_questions, image_size=image_size, seed=seed, qtypes=qtypes, split=split
     )
     answers = answer_fn(
