@@ -19,6 +19,7 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
                                            and without freeze_encoder)
     steps=1500,i2t=0,geneval=8,mask_min=0.0    training mask ratios down to 0 (MAR: 0.7)
     steps=3500,i2t=0,geneval=8,mask_min=0.0 --config.model.mar.diffusion_batch_mul=1
+    steps=800,t2i=0,ema=0,stem=16          the hybrid-ViT conv stem (16-32-64 channels)
 
 P is the `harmon_official.safetensors` that
 `python -m unified_mm.tools.encoder_probe --checkpoint W --at-init --supervised --save-official D`
@@ -34,8 +35,11 @@ Arguments (``:key=value,...``): ``smoke`` (a few steps, for tests), ``steps``, `
 full model in the official Harmon layout to start from), ``freeze_encoder`` (the MAR encoder
 does not train), ``colour_cell`` (0: RGB patches; c > 0: the pixel tokenizer's factorised
 layout, each pixel's occupancy plus the mean colour of every c x c cell, 64 + 12 dims at c = 4)
-and ``mask_min`` (MAR's `mask_ratio_min`: the training mask ratio is drawn from N(1, 0.25^2)
-truncated to [mask_min, 1]; 0.7 is MAR's value, 0 lets training see up to every token).
+``mask_min`` (MAR's `mask_ratio_min`: the training mask ratio is drawn from N(1, 0.25^2)
+truncated to [mask_min, 1]; 0.7 is MAR's value, 0 lets training see up to every token) and
+``stem`` (0: MAR's linear token embedding; c > 0: the MAR encoder embeds tokens through the conv
+stem of models/harmon/conv_stem.py, log2(patch) 3x3 conv + max-pool stages of c, 2c, ...
+channels).
 """
 
 import importlib.util
@@ -78,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         freeze_encoder=False,
         colour_cell=0,
         mask_min=0.7,
+        stem=0,
     )
     if a.i2t <= 0 and a.t2i <= 0:
         raise ValueError("shapes_harmon_ablation: i2t and t2i are both 0; nothing would train")
@@ -87,6 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     if IMAGE_SIZE % a.patch:
         raise ValueError(f"shapes_harmon_ablation: patch={a.patch} does not divide {IMAGE_SIZE}")
+    if a.stem < 0:
+        raise ValueError(f"shapes_harmon_ablation: stem={a.stem}; 0 (off) or the first channels")
     c = _main_job_config("smoke" if a.smoke else "")
 
     grid = IMAGE_SIZE // a.patch
@@ -100,6 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = token_dim
     c.model.mar.diffusion_prediction = a.prediction
     c.model.mar.mask_ratio_min = a.mask_min
+    # log2(patch) conv stages (channels doubling from `stem`) bring a patch to one vector.
+    stages = a.patch.bit_length() - 1 if a.stem else 0
+    c.model.mar.conv_stem = tuple(a.stem * 2**i for i in range(stages))
+    c.model.mar.conv_stem_patch = a.patch
     c.model.llm.num_hidden_layers = a.llm_depth
     c.data.qa_turns = a.turns
 

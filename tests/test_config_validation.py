@@ -146,6 +146,13 @@ def test_ablation_config_changes_one_thing_at_a_time():
     unmasked = _ablation("mask_min=0.0")
     assert unmasked.model.mar.mask_ratio_min == 0.0 and base.model.mar.mask_ratio_min == 0.7
     _validate(unmasked)
+    assert tuple(base.model.mar.conv_stem) == ()
+    stem = _ablation("stem=16")
+    assert tuple(stem.model.mar.conv_stem) == (16, 32, 64) and stem.model.mar.conv_stem_patch == 8
+    _validate(stem)
+    fine_stem = _ablation("stem=8,patch=4")
+    assert tuple(fine_stem.model.mar.conv_stem) == (8, 16)
+    _validate(fine_stem)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +162,7 @@ def test_ablation_config_changes_one_thing_at_a_time():
         ("patch=5", "patch=5 does not divide 32"),
         ("geneval=0", "at least 1 prompt per category"),
         ("colour_cell=3", "colour_cell 3 must be 0 or divide the patch 8"),
+        ("stem=-1", "stem=-1; 0 \\(off\\) or the first channels"),
     ],
 )
 def test_ablation_config_refuses_impossible_arguments(arg, message):

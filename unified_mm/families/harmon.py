@@ -18,6 +18,7 @@ from unified_mm.train.stages import StageSpec
 _ENCODER_PARTS = frozenset(
     {
         "class_emb",
+        "conv_stem",
         "fake_latent",
         "z_proj",
         "z_proj_ln",

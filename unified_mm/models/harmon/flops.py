@@ -9,6 +9,8 @@ FLOPs). Embedding gathers and norms are not counted.
 
 from __future__ import annotations
 
+import math
+
 from unified_mm.models.harmon.harmon import HarmonConfig
 
 
@@ -41,12 +43,28 @@ def diffloss_row_flops(cfg: HarmonConfig) -> float:
     return float(per)
 
 
+def conv_stem_flops(cfg: HarmonConfig, tokens: int) -> float:
+    """The optional conv stem (conv_stem.py) over the whole token grid (masked tokens included)."""
+    m = cfg.mar
+    if not m.conv_stem:
+        return 0.0
+    side, pools = m.conv_stem_patch, int(math.log2(m.conv_stem_patch))
+    cin, flops = m.token_embed_dim // (side * side), 0.0
+    for i, cout in enumerate(m.conv_stem):
+        flops += 2.0 * 9 * cin * cout * side * side * tokens
+        cin = cout
+        if i < pools:
+            side //= 2
+    return flops
+
+
 def _mar_encoder(cfg: HarmonConfig, rows: int) -> float:
     m = cfg.mar
     mlp = int(m.encoder_embed_dim * m.mlp_ratio)
+    z_in = m.conv_stem[-1] if m.conv_stem else m.token_embed_dim
     return (
         m.encoder_depth * vit_block_flops(rows, m.encoder_embed_dim, mlp)
-        + 2.0 * rows * m.token_embed_dim * m.encoder_embed_dim
+        + 2.0 * rows * z_in * m.encoder_embed_dim
     )
 
 
@@ -75,7 +93,7 @@ def t2i_forward_flops(cfg: HarmonConfig, *, image_size: int, text_len: int) -> f
     seq = h * w
     nb = cfg.mar.buffer_size
     enc_rows = nb + cfg.mar.max_visible(seq)  # static padded visible set
-    flops = _mar_encoder(cfg, enc_rows) + _projectors(cfg, enc_rows)
+    flops = _mar_encoder(cfg, enc_rows) + _projectors(cfg, enc_rows) + conv_stem_flops(cfg, seq)
     flops += _llm(cfg, text_len + enc_rows)
     flops += _mar_decoder(cfg, nb + seq)
     flops += cfg.mar.diffusion_batch_mul * seq * diffloss_row_flops(cfg)
@@ -87,6 +105,7 @@ def i2t_forward_flops(cfg: HarmonConfig, *, image_size: int, und_len: int) -> fl
     h, w = cfg.latent_grid(image_size)
     rows = cfg.mar.buffer_size + h * w
     flops = _mar_encoder(cfg, rows) + _projectors(cfg, rows) + _llm(cfg, und_len)
+    flops += conv_stem_flops(cfg, h * w)
     flops += 2.0 * und_len * cfg.llm.hidden_size * cfg.llm.vocab_size  # logits
     return flops
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from unified_mm.models.harmon.conv_stem import check_conv_stem
 from unified_mm.models.harmon.diffloss import dense
 from unified_mm.models.harmon.mar import (
     MAR,
@@ -66,6 +67,7 @@ class HarmonConfig:
             raise ValueError(
                 f"tokenizer token_dim {tok_dim} != MAR token_embed_dim {self.mar.token_embed_dim}"
             )
+        check_conv_stem(self.mar.conv_stem, self.mar.conv_stem_patch, tok_dim)
         if self.image_size % self.stride:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of stride {self.stride}"

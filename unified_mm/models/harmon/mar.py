@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unified_mm.models.harmon.conv_stem import ConvStem
 from unified_mm.models.harmon.diffloss import (
     DiffLoss,
     DiffLossConfig,
@@ -70,6 +71,10 @@ class MARConfig:
     diffusion_prediction: str = "epsilon"  # see DiffLossConfig.prediction
     clip_denoised: float | None = None  # see DiffLossConfig.clip_denoised
     diffusion_batch_mul: int = 4
+    # Hybrid-ViT token embedding (conv_stem.py); () = the official linear `z_proj` alone.
+    # Checked against the tokenizer's token size by HarmonConfig (and by ConvStem itself).
+    conv_stem: tuple[int, ...] = ()
+    conv_stem_patch: int = 1  # side of a token's pixel block (the pixel tokenizer's patch)
     remat: bool = False
     dtype: str = "float32"
 
@@ -146,6 +151,8 @@ class MARConfig:
             diffusion_prediction=str(d.get("diffusion_prediction", "epsilon")),
             clip_denoised=(None if d.get("clip_denoised") is None else float(d["clip_denoised"])),
             diffusion_batch_mul=int(d.get("diffusion_batch_mul", 4)),
+            conv_stem=tuple(int(c) for c in d.get("conv_stem", ())),
+            conv_stem_patch=int(d.get("conv_stem_patch", 1)),
             remat=bool(remat or d.get("grad_checkpointing", False)),
             dtype=dtype,
         )
@@ -328,7 +335,13 @@ class MAR(nnx.Module):
             rngs=rngs,
         )
         self.fake_latent = param((de,), ("embed",))
-        self.z_proj = dense(cfg.token_embed_dim, de, ("latent", "embed"), rngs=rngs, dtype=dt)
+        self.conv_stem = (
+            ConvStem(cfg.conv_stem, cfg.conv_stem_patch, cfg.token_embed_dim, dtype=dt, rngs=rngs)
+            if cfg.conv_stem
+            else None
+        )
+        z_in = cfg.conv_stem[-1] if cfg.conv_stem else cfg.token_embed_dim
+        self.z_proj = dense(z_in, de, ("latent", "embed"), rngs=rngs, dtype=dt)
         self.z_proj_ln = LayerNorm(de, cfg.norm_eps, dtype=dt)
         self.encoder_pos_embed_learned = param((nb + ll, de), ("position", "embed"))
         self.encoder_blocks = make_stack(
@@ -398,6 +411,10 @@ class MAR(nnx.Module):
         h, w = image_shape
         if h * w != ll:
             raise ValueError(f"image_shape {image_shape} does not match {ll} tokens")
+        if self.conv_stem is not None:
+            if mask is not None:
+                tokens = tokens * (1.0 - mask)[..., None].astype(tokens.dtype)
+            tokens = self.conv_stem(tokens, (h, w))
         x = self.z_proj(tokens)
         bufs = jnp.broadcast_to(buffer_embeds[:, None, :], (b, cfg.buffer_size, x.shape[-1]))
         x = jnp.concatenate([bufs.astype(x.dtype), x], axis=1)
