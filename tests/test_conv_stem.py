@@ -79,7 +79,7 @@ def test_visible_features_ignore_masked_pixels(stem_model):
     "channels, patch, message",
     [
         ((4, 8), 3, "conv_stem_patch=3 must be a power of two"),
-        ((4,), 4, "has 1 stages; conv_stem_patch=4 needs at least 2"),
+        ((4,), 4, "has 1 stage\\(s\\); conv_stem_patch=4 needs at least 2"),
         ((4, 0), 4, "channels \\(4, 0\\) must be positive"),
         ((4, 8, 8), 8, "token dim 48 is not a multiple of conv_stem_patch\\^2=64"),
     ],

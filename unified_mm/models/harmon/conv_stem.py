@@ -33,7 +33,7 @@ def check_conv_stem(channels: tuple[int, ...], patch: int, token_dim: int) -> No
     pools = int(math.log2(patch))
     if len(channels) < pools:
         raise ValueError(
-            f"MAR conv_stem {tuple(channels)} has {len(channels)} stages; conv_stem_patch={patch} "
+            f"MAR conv_stem {tuple(channels)} has {len(channels)} stage(s); conv_stem_patch={patch} "
             f"needs at least {pools} (each of the first log2(patch) stages halves the grid)"
         )
     if token_dim % (patch * patch):
