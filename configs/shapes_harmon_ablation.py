@@ -49,6 +49,7 @@ import ml_collections
 
 from unified_mm.config.args import parse_arg
 from unified_mm.config.base import stage
+from unified_mm.models.harmon.conv_stem import conv_stem_pools
 from unified_mm.models.harmon.vae import PixelTokenizerConfig
 
 IMAGE_SIZE = 32
@@ -107,8 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mar.vae_embed_dim = c.model.mar.token_embed_dim = token_dim
     c.model.mar.diffusion_prediction = a.prediction
     c.model.mar.mask_ratio_min = a.mask_min
-    # log2(patch) conv stages (channels doubling from `stem`) bring a patch to one vector.
-    stages = a.patch.bit_length() - 1 if a.stem else 0
+    # One pooling conv stage per halving of the patch, channels doubling from `stem`.
+    stages = conv_stem_pools(a.patch) if a.stem else 0
     c.model.mar.conv_stem = tuple(a.stem * 2**i for i in range(stages))
     c.model.mar.conv_stem_patch = a.patch
     c.model.llm.num_hidden_layers = a.llm_depth

@@ -24,13 +24,18 @@ from flax import nnx
 from unified_mm.models.harmon.vae import unpatchify_latents
 
 
+def conv_stem_pools(patch: int) -> int:
+    """How many stem stages end in a 2x2 max-pool: log2(patch), bringing a patch to one vector."""
+    return int(math.log2(patch))
+
+
 def check_conv_stem(channels: tuple[int, ...], patch: int, token_dim: int) -> None:
     """Raises ValueError (one line) when the stem cannot map `token_dim` tokens to one vector."""
     if not channels:
         return
     if patch < 1 or patch & (patch - 1):
         raise ValueError(f"MAR conv_stem_patch={patch} must be a power of two")
-    pools = int(math.log2(patch))
+    pools = conv_stem_pools(patch)
     if len(channels) < pools:
         raise ValueError(
             f"MAR conv_stem {tuple(channels)} has {len(channels)} stage(s); conv_stem_patch={patch} "
@@ -58,7 +63,7 @@ class ConvStem(nnx.Module):
     ):
         check_conv_stem(channels, patch, token_dim)
         self.patch = patch
-        self.pools = int(math.log2(patch))
+        self.pools = conv_stem_pools(patch)
         widths = (token_dim // (patch * patch), *channels)
         names = ("conv_height", "conv_width", "conv_in", "conv_out")
         self.convs = nnx.List(

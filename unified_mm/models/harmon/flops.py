@@ -9,8 +9,7 @@ FLOPs). Embedding gathers and norms are not counted.
 
 from __future__ import annotations
 
-import math
-
+from unified_mm.models.harmon.conv_stem import conv_stem_pools
 from unified_mm.models.harmon.harmon import HarmonConfig
 
 
@@ -48,7 +47,7 @@ def conv_stem_flops(cfg: HarmonConfig, tokens: int) -> float:
     m = cfg.mar
     if not m.conv_stem:
         return 0.0
-    side, pools = m.conv_stem_patch, int(math.log2(m.conv_stem_patch))
+    side, pools = m.conv_stem_patch, conv_stem_pools(m.conv_stem_patch)
     cin, flops = m.token_embed_dim // (side * side), 0.0
     for i, cout in enumerate(m.conv_stem):
         flops += 2.0 * 9 * cin * cout * side * side * tokens
@@ -61,10 +60,9 @@ def conv_stem_flops(cfg: HarmonConfig, tokens: int) -> float:
 def _mar_encoder(cfg: HarmonConfig, rows: int) -> float:
     m = cfg.mar
     mlp = int(m.encoder_embed_dim * m.mlp_ratio)
-    z_in = m.conv_stem[-1] if m.conv_stem else m.token_embed_dim
     return (
         m.encoder_depth * vit_block_flops(rows, m.encoder_embed_dim, mlp)
-        + 2.0 * rows * z_in * m.encoder_embed_dim
+        + 2.0 * rows * m.z_proj_in_dim * m.encoder_embed_dim
     )
 
 

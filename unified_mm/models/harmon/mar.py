@@ -96,6 +96,11 @@ class MARConfig:
     def token_embed_dim(self) -> int:
         return self.vae_embed_dim * self.patch_size**2
 
+    @property
+    def z_proj_in_dim(self) -> int:
+        """What `z_proj` reads per token: the conv stem's last channels, or the token itself."""
+        return self.conv_stem[-1] if self.conv_stem else self.token_embed_dim
+
     def max_visible(self, seq_len: int) -> int:
         """Most visible tokens a training mask can leave: ratio >= mask_ratio_min."""
         return seq_len - math.ceil(seq_len * self.mask_ratio_min)
@@ -340,8 +345,7 @@ class MAR(nnx.Module):
             if cfg.conv_stem
             else None
         )
-        z_in = cfg.conv_stem[-1] if cfg.conv_stem else cfg.token_embed_dim
-        self.z_proj = dense(z_in, de, ("latent", "embed"), rngs=rngs, dtype=dt)
+        self.z_proj = dense(cfg.z_proj_in_dim, de, ("latent", "embed"), rngs=rngs, dtype=dt)
         self.z_proj_ln = LayerNorm(de, cfg.norm_eps, dtype=dt)
         self.encoder_pos_embed_learned = param((nb + ll, de), ("position", "embed"))
         self.encoder_blocks = make_stack(
