@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +76,16 @@ def test_probe_learns_colour_from_oracle_tokens_on_the_smoke_config():
     # Only colour questions were trained: the other types' answers are never produced.
     assert last["count"] == last["exist"] == 0.0
     assert set(last) >= {"overall", "colour", "count", "exist", "shape", "position"}
+
+
+def test_command_line_writes_the_curve(tmp_path, capsys):
+    out = tmp_path / "readout.json"
+    argv = ["--config", SMOKE, "--steps", "2", "--eval-every", "1", "--questions", "10"]
+    assert tool.main([*argv, "--num-train", "50", "--llm-depth", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [p["step"] for p in report["curve"]] == [1, 2]
+    assert report["stage"] == "full" and report["llm_layers"] == 1 and report["questions"] == 10
+    assert "step 2: loss" in capsys.readouterr().out
 
 
 def test_bad_settings_and_arguments_are_refused_in_one_line(capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,11 @@ from unified_mm.eval.vqa import VQA_TYPES, shapes_questions
 from unified_mm.models.llm.qwen2 import Qwen2
 from unified_mm.train.optimizer import make_optimizer, mar_weight_decay_rule
 from unified_mm.train.stages import StageSpec
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from unified_mm.families.harmon import HarmonFamily
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +104,9 @@ def oracle_rows(tokens: dict, shape: jax.Array, colour: jax.Array) -> jax.Array:
     return jnp.concatenate([rows, buffers], axis=1)
 
 
-def splice_rows(llm: Qwen2, input_ids: jax.Array, rows: jax.Array, image_token_id: int):
+def splice_rows(
+    llm: Qwen2, input_ids: jax.Array, rows: jax.Array, image_token_id: int
+) -> jax.Array:
     """Text embeddings with the image placeholder span replaced by `rows` (as Harmon splices)."""
     is_img = input_ids == image_token_id
     text = llm.embed(jnp.where(is_img, 0, input_ids))
@@ -136,8 +144,8 @@ class _NoImage:
 
 
 def readout_probe(
-    config,
-    family,
+    config: ml_collections.ConfigDict,
+    family: HarmonFamily,
     stage: StageSpec,
     settings: ReadoutSettings = ReadoutSettings(),
     *,
