@@ -164,7 +164,9 @@ def readout_probe(
     grid, n_buf = grid_h, model_cfg.mar.buffer_size
     image_tokens = grid * grid + n_buf
     width = model_cfg.llm.hidden_size
-    data_cfg = config.data
+    from unified_mm.families.harmon import stage_data_config
+
+    data_cfg = stage_data_config(config.data, stage)  # the stage's own data overrides, if any
 
     # Training scenes whose question pool has a question of the training types.
     train = _scenes("train", range(settings.num_train), grid, settings.seed, settings.train_qtypes)
