@@ -38,6 +38,7 @@ from unified_mm.data.shapes_render import COLOURS, SHAPES, ObjectSpec
 from unified_mm.data.sources import Sample
 from unified_mm.data.transforms import UnderstandingTransform, encode_understanding
 from unified_mm.eval.vqa import VQA_TYPES, shapes_questions
+from unified_mm.models.harmon.harmon import splice_image_rows
 from unified_mm.models.llm.qwen2 import Qwen2
 from unified_mm.train.optimizer import make_optimizer, mar_weight_decay_rule
 from unified_mm.train.stages import StageSpec
@@ -102,17 +103,6 @@ def oracle_rows(tokens: dict, shape: jax.Array, colour: jax.Array) -> jax.Array:
     rows = tokens["shape"][shape] + tokens["colour"][colour] + tokens["cell"][None]
     buffers = jnp.broadcast_to(tokens["buffer"][None], (shape.shape[0], *tokens["buffer"].shape))
     return jnp.concatenate([rows, buffers], axis=1)
-
-
-def splice_rows(
-    llm: Qwen2, input_ids: jax.Array, rows: jax.Array, image_token_id: int
-) -> jax.Array:
-    """Text embeddings with the image placeholder span replaced by `rows` (as Harmon splices)."""
-    is_img = input_ids == image_token_id
-    text = llm.embed(jnp.where(is_img, 0, input_ids))
-    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, rows.shape[1] - 1)
-    picked = jnp.take_along_axis(rows, idx[..., None], axis=1).astype(text.dtype)
-    return jnp.where(is_img[..., None], picked, text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +214,9 @@ def readout_probe(
 
     def hidden_of(p, shape, colour, input_ids, mask):
         model = nnx.merge(graphdef, p[0], rest)
-        embeds = splice_rows(model, input_ids, oracle_rows(p[1], shape, colour), image_token_id)
+        embeds = splice_image_rows(
+            model, input_ids, oracle_rows(p[1], shape, colour), image_token_id
+        )
         hidden, _ = model(embeds, attention_mask=mask)
         return model, hidden
 

@@ -56,3 +56,14 @@ def run_cli(
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def emit_report(report: dict, out: str | None) -> None:
+    """Prints the JSON report and, with `out`, also writes it there (folders created)."""
+    import json
+
+    print(json.dumps(report, indent=1))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)

@@ -18,13 +18,13 @@ report (also written to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 from unified_mm.tools.cli import (
     add_checkpoint_args,
+    emit_report,
     evaluation_image_size,
     load_checkpoint_of,
     run_cli,
@@ -129,11 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{scores('probe')} | train split {scores('probe_train_split')} | majority "
         f"{scores('majority')}"
     )
-    print(json.dumps(report, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
     return report
 
 

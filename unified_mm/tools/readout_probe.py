@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
-from unified_mm.tools.cli import run_cli
+from unified_mm.tools.cli import emit_report, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +83,6 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(
                 f"unknown stage {args.stage!r}; the config has {[s.name for s in stages]}"
             )
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     changes = {"steps": args.steps}
     if args.lr is not None:
         if args.lr <= 0:
@@ -104,11 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     family = families.build(config)
     report = readout_probe(config, family, stage, settings, log=print)
     report.update(config=args.config, lr=stage.lr, schedule=stage.schedule)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
     return report
 
 

@@ -167,6 +167,18 @@ class VisualFeature(struct.PyTreeNode):
     z_valid: jax.Array  # [B, N + buffer] bool
 
 
+def splice_image_rows(
+    llm: Qwen2, input_ids: jax.Array, rows: jax.Array, image_token_id: int
+) -> jax.Array:
+    """`llm`'s text embeddings of input_ids with the `image_token_id` span replaced by `rows`
+    [B, N, D] in order (each row of input_ids holds exactly N image tokens)."""
+    is_img = input_ids == image_token_id
+    text = llm.embed(jnp.where(is_img, 0, input_ids))
+    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, rows.shape[1] - 1)
+    picked = jnp.take_along_axis(rows, idx[..., None], axis=1).astype(text.dtype)
+    return jnp.where(is_img[..., None], picked, text)
+
+
 @jax.custom_vjp
 def scale_gradient(x: jax.Array, scale: jax.Array | float) -> jax.Array:
     """Identity forward, gradient multiplied by `scale` (HarmonDev `_ScaleGradient`). `scale`
@@ -321,11 +333,7 @@ class Harmon(nnx.Module):
         Each row of input_ids must hold exactly z_enc.shape[1] `image_token_id` entries (the
         official splice fills them with z_enc flattened in row-major order).
         """
-        is_img = input_ids == self.cfg.image_token_id
-        text = self.llm.embed(jnp.where(is_img, 0, input_ids))
-        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, z_enc.shape[1] - 1)
-        rows = jnp.take_along_axis(z_enc, idx[..., None], axis=1).astype(text.dtype)
-        return jnp.where(is_img[..., None], rows, text)
+        return splice_image_rows(self.llm, input_ids, z_enc, self.cfg.image_token_id)
 
     def understanding_embeds(
         self,
