@@ -20,6 +20,8 @@ one thing at a time. The README rows come from these commands (``:`` arguments o
     steps=1500,i2t=0,geneval=8,mask_min=0.0    training mask ratios down to 0 (MAR: 0.7)
     steps=3500,i2t=0,geneval=8,mask_min=0.0 --config.model.mar.diffusion_batch_mul=1
     steps=800,t2i=0,ema=0,stem=16          the hybrid-ViT conv stem (16-32-64 channels)
+    count_weight=4                         with tools/readout_probe --stage full: count questions
+                                           drawn 4x as often as each other type
 
 P is the `harmon_official.safetensors` that
 `python -m unified_mm.tools.encoder_probe --checkpoint W --at-init --supervised --save-official D`
@@ -34,9 +36,11 @@ Arguments (``:key=value,...``): ``smoke`` (a few steps, for tests), ``steps``, `
 (held-out prompts per category, two images each), ``vqa`` (held-out questions), ``init`` (a
 full model in the official Harmon layout to start from), ``freeze_encoder`` (the MAR encoder
 does not train), ``colour_cell`` (0: RGB patches; c > 0: the pixel tokenizer's factorised
-layout, each pixel's occupancy plus the mean colour of every c x c cell, 64 + 12 dims at c = 4)
-``mask_min`` (MAR's `mask_ratio_min`: the training mask ratio is drawn from N(1, 0.25^2)
-truncated to [mask_min, 1]; 0.7 is MAR's value, 0 lets training see up to every token) and
+layout, each pixel's occupancy plus the mean colour of every c x c cell, 64 + 12 dims at c = 4),
+``count_weight`` (relative weight of count questions among a record's question types,
+``data.question_weights``; 1 draws the types uniformly), ``mask_min`` (MAR's `mask_ratio_min`:
+the training mask ratio is drawn from N(1, 0.25^2) truncated to [mask_min, 1]; 0.7 is MAR's
+value, 0 lets training see up to every token) and
 ``stem`` (0: MAR's linear token embedding; c > 0: the MAR encoder embeds tokens through the conv
 stem of models/harmon/conv_stem.py, log2(patch) 3x3 conv + max-pool stages of c, 2c, ...
 channels).
@@ -84,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         colour_cell=0,
         mask_min=0.7,
         stem=0,
+        count_weight=1.0,
     )
     if a.i2t <= 0 and a.t2i <= 0:
         raise ValueError("shapes_harmon_ablation: i2t and t2i are both 0; nothing would train")
@@ -93,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     if IMAGE_SIZE % a.patch:
         raise ValueError(f"shapes_harmon_ablation: patch={a.patch} does not divide {IMAGE_SIZE}")
+    if not a.count_weight > 0:
+        raise ValueError(f"shapes_harmon_ablation: count_weight={a.count_weight}; it must be > 0")
     if a.stem < 0:
         raise ValueError(f"shapes_harmon_ablation: stem={a.stem}; 0 (off) or the first channels")
     c = _main_job_config("smoke" if a.smoke else "")
@@ -114,6 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mar.conv_stem_patch = a.patch
     c.model.llm.num_hidden_layers = a.llm_depth
     c.data.qa_turns = a.turns
+    if a.count_weight != 1.0:
+        c.data.question_weights.count = a.count_weight
 
     if a.init:
         # A full model in the official layout, e.g. from tools/encoder_probe --save-official.

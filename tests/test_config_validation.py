@@ -153,6 +153,10 @@ def test_ablation_config_changes_one_thing_at_a_time():
     fine_stem = _ablation("stem=8,patch=4")
     assert tuple(fine_stem.model.mar.conv_stem) == (8, 16)
     _validate(fine_stem)
+    assert dict(base.data.question_weights) == {}
+    counting = _ablation("count_weight=4")
+    assert dict(counting.data.question_weights) == {"count": 4.0}
+    _validate(counting)
 
 
 @pytest.mark.parametrize(
@@ -163,6 +167,7 @@ def test_ablation_config_changes_one_thing_at_a_time():
         ("geneval=0", "at least 1 prompt per category"),
         ("colour_cell=3", "colour_cell 3 must be 0 or divide the patch 8"),
         ("stem=-1", "stem=-1; 0 \\(off\\) or the first channels"),
+        ("count_weight=0", "count_weight=0.0; it must be > 0"),
     ],
 )
 def test_ablation_config_refuses_impossible_arguments(arg, message):

@@ -9,7 +9,12 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from unified_mm.data import records
-from unified_mm.data.config import default_data_config, validate_data_config, with_overrides
+from unified_mm.data.config import (
+    default_data_config,
+    question_weights_of,
+    validate_data_config,
+    with_overrides,
+)
 from unified_mm.data.pipeline import make_eval_examples, make_train_iterator
 from unified_mm.data.sources import source_config
 from unified_mm.data.tokenizers import WordLevelTokenizer
@@ -253,6 +258,10 @@ def test_config_validation_errors(tmp_path, tok):
     check(lambda c: c.tokenizer.__setitem__("kind", "spm"), "tokenizer.kind 'spm' is unknown")
     check(lambda c: c.tokenizer.__setitem__("kind", "hf"), "must point to a tokenizer.json")
     check(lambda c: c.sources.shapes.__setitem__("split", "val"), "shapes split 'val' is unknown")
+    check(
+        lambda c: c.question_weights.__setitem__("count", 0.0),
+        "data.question_weights.count must be a number > 0",
+    )
     cfg = default_data_config()
     cfg.mixtures.t2i = {}
     with pytest.raises(ValueError, match="no source in data.mixtures.t2i"):
@@ -264,8 +273,10 @@ def test_config_validation_errors(tmp_path, tok):
             "max_text_len": 40,
             "sources": {"extra": source_config("shapes", split="heldout")},
             "mixtures": {"t2i": {"extra": 1.0}},
+            "question_weights": {"count": 3.0},
         },
     )
+    assert question_weights_of(over) == (("count", 3.0),)
     assert (
         over.max_text_len == 40
         and dict(over.mixtures.t2i) == {"extra": 1.0}

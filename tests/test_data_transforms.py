@@ -151,3 +151,42 @@ def test_multi_turn_packing_fills_padding_with_whole_turns(tok):
         assert r[-1] == tok.im_end_id and tok.decode(r[:-1]).strip() in answers
     # Whole turns only: the sequence ends with <|im_end|>\n, never with a cut answer.
     assert list(b["input_ids"][n_b - 2 : n_b]) == [tok.im_end_id] + tok.encode("\n")
+
+
+def test_question_weights_shift_the_type_draw(tok):
+    from unified_mm.data.shapes import ShapesDataset
+    from unified_mm.data.sources import Sample
+
+    ex = ShapesDataset("train", seed=0, image_size=32)[5]
+    sample = Sample(ex.image, ex.caption, ex.qa)
+    types = sorted({t for _, _, t in ex.qa})
+    assert "count" in types and len(types) >= 4
+    qtype_of = {q: t for q, _, t in ex.qa}
+
+    def count_share(weights, n=3000):
+        rng = np.random.default_rng(0)
+        picks = [transforms.pick_question(sample, rng, "?", weights)[0] for _ in range(n)]
+        return np.mean([qtype_of[q] == "count" for q in picks])
+
+    k = len(types)
+    assert abs(count_share(None) - 1 / k) < 0.03
+    assert abs(count_share({"count": 5.0}) - 5 / (k + 4)) < 0.03
+    # Unlisted types weigh 1: weighting another type lowers the count share.
+    assert abs(count_share({"colour": 3.0}) - 1 / (k + 2)) < 0.03
+    # Packed turns follow the weights too.
+    image = transforms.ImageTransform(32, "pad")
+    plain = transforms.UnderstandingTransform(image, tok, 112, 20, qa_turns=6)
+    heavy = transforms.UnderstandingTransform(
+        image, tok, 112, 20, qa_turns=6, question_weights=(("count", 20.0),)
+    )
+    how_many = tok.encode("How many")
+
+    def count_turns(t):
+        rng = np.random.default_rng(1)
+        total = 0
+        for _ in range(40):
+            ids = list(t(sample, rng)["input_ids"])
+            total += sum(ids[i : i + 2] == how_many for i in range(len(ids) - 1))
+        return total
+
+    assert count_turns(heavy) > count_turns(plain)

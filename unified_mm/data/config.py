@@ -15,6 +15,9 @@ Fields (all validated by `validate_data_config`):
   caption_question  question of understanding samples built from caption-only records
   qa_turns          question-answer turns per understanding sample (1: Harmon's layout; more
                     pack follow-up questions about the same image into the static length)
+  question_weights  ConfigDict question type -> relative weight > 0 of drawing that type for an
+                    understanding turn, among the types a record has (unlisted: 1; empty: the
+                    types are drawn uniformly)
   workers           Grain worker processes (0: in-process threads only)
   threads           Grain read threads per process
   prefetch          steps buffered per process (float32 images: 64 x 512 px is 200 MB a step)
@@ -41,7 +44,8 @@ from unified_mm.data.tokenizers import TOKENIZER_KINDS, Tokenizer
 from unified_mm.data.transforms import CROPS, generation_prompt_ids, understanding_fixed_len
 
 TASKS: tuple[str, ...] = ("t2i", "i2t", "image")
-_OPEN_MAPS = ("sources", "mixtures")  # user-named entries may be added by overrides
+# Maps whose entries are user-named: overrides may add new keys.
+_OPEN_MAPS = ("sources", "mixtures", "question_weights")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -59,6 +63,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.und_crop = "pad"
     c.caption_question = templates.CAPTION_QUESTION
     c.qa_turns = 1
+    c.question_weights = ml_collections.ConfigDict()
     c.workers = 0
     c.threads = 4
     c.prefetch = 4
@@ -76,6 +81,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         }
     )
     return c
+
+
+def question_weights_of(data_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, float], ...]:
+    """`data.question_weights` as the sorted (type, weight) pairs `UnderstandingTransform` takes."""
+    weights = data_cfg.get("question_weights") or {}
+    return tuple(sorted((str(k), float(v)) for k, v in weights.items()))
 
 
 def _to_dict(value: Any) -> Any:
@@ -160,6 +171,9 @@ def validate_data_config(
             )
     if not isinstance(data_cfg.caption_question, str) or not data_cfg.caption_question.strip():
         raise ValueError("data.caption_question must be a non-empty string")
+    for qtype, weight in data_cfg.question_weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise ValueError(f"data.question_weights.{qtype} must be a number > 0, got {weight!r}")
 
     tok = data_cfg.tokenizer
     if tok.kind not in TOKENIZER_KINDS:

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from unified_mm.data import shapes as shapes_lib
-from unified_mm.data.config import TASKS, validate_data_config
+from unified_mm.data.config import TASKS, question_weights_of, validate_data_config
 from unified_mm.data.permute import ShuffledStream, WeightedMixture, derive_seed
 from unified_mm.data.records import BadRecord
 from unified_mm.data.sources import Sample, source_spec
@@ -254,6 +254,7 @@ def _transform(
             data_cfg.image_tokens,
             data_cfg.caption_question,
             int(data_cfg.qa_turns),
+            question_weights_of(data_cfg),
         )
     return ImageOnlyTransform(ImageTransform(image_size, data_cfg.crop))
 

@@ -23,7 +23,7 @@ answer still ends with <|im_end|>.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -253,15 +253,25 @@ def append_turns(
 
 
 def pick_question(
-    sample: Sample, rng: np.random.Generator, caption_question: str
+    sample: Sample,
+    rng: np.random.Generator,
+    caption_question: str,
+    question_weights: Mapping[str, float] | None = None,
 ) -> tuple[str, str]:
-    """One (question, answer) for understanding: a question type uniformly, then a question of it.
+    """One (question, answer) for understanding: a question type, then a question of it.
 
-    Records without question-answer pairs become captioning samples (caption_question -> caption).
+    The type is drawn among the record's types uniformly, or in proportion to `question_weights`
+    (type -> weight > 0; unlisted types weigh 1). Records without question-answer pairs become
+    captioning samples (caption_question -> caption).
     """
     if sample.qa:
         qtypes = sorted({qt for _, _, qt in sample.qa})
-        qt = qtypes[int(rng.random() * len(qtypes))]
+        if question_weights:
+            cum = np.cumsum([float(question_weights.get(t, 1.0)) for t in qtypes])
+            pick = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+            qt = qtypes[min(pick, len(qtypes) - 1)]
+        else:
+            qt = qtypes[int(rng.random() * len(qtypes))]
         pool = [(q, a) for q, a, t in sample.qa if t == qt]
         return pool[int(rng.random() * len(pool))]
     if sample.caption:
@@ -305,9 +315,12 @@ class UnderstandingTransform:
     # >1 packs follow-up questions about the same image into the padding of the static length
     # (multi-turn chat); 1 is Harmon's one question per sample.
     qa_turns: int = 1
+    # (question type, relative weight) pairs for `pick_question`; empty: types drawn uniformly.
+    question_weights: tuple[tuple[str, float], ...] = ()
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        question, answer = pick_question(sample, rng, self.caption_question)
+        weights = dict(self.question_weights)
+        question, answer = pick_question(sample, rng, self.caption_question, weights)
         enc = encode_understanding(
             self.tokenizer,
             question,
@@ -322,7 +335,7 @@ class UnderstandingTransform:
             for _ in range(4 * self.qa_turns):
                 if len(follow_ups) == self.qa_turns - 1:
                     break
-                q, a = pick_question(sample, rng, self.caption_question)
+                q, a = pick_question(sample, rng, self.caption_question, weights)
                 if q not in asked:
                     asked.add(q)
                     follow_ups.append((q, a))

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from unified_mm.data.config import question_weights_of
 from unified_mm.data.shapes import QTYPES, ShapesDataset
 from unified_mm.data.shapes_render import COLOURS, SHAPES, ObjectSpec
 from unified_mm.data.sources import Sample
@@ -169,6 +170,7 @@ def readout_probe(
         max_und_len=int(data_cfg.max_und_len),
         image_tokens=image_tokens,
         qa_turns=int(data_cfg.get("qa_turns", 1)),
+        question_weights=question_weights_of(data_cfg),
     )
     blank = np.zeros((1, 1, 3), np.uint8)
 
