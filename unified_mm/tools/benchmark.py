@@ -32,6 +32,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from unified_mm.models.flops_common import xla_flops
 from unified_mm.tools.bench_timing import (
     CompileCounter,
     cpu_fp32_matmul_peak,
@@ -48,7 +49,7 @@ def log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- analytic FLOPs
 def _vit(cfg, rows: int, which: str) -> float:
-    from unified_mm.models.harmon.flops import vit_block_flops
+    from unified_mm.models.flops_common import vit_block_flops
 
     m = cfg.mar
     width = getattr(m, f"{which}_embed_dim")
@@ -82,7 +83,7 @@ def _proj(cfg, rows: int, *, out: bool) -> float:
 
 def _llm(cfg, new: int, prefix: int = 0) -> float:
     """``new`` tokens attending to ``prefix`` cached keys plus themselves causally."""
-    from unified_mm.models.harmon.flops import qwen2_layer_flops
+    from unified_mm.models.flops_common import qwen2_layer_flops
 
     c = cfg.llm
     q = c.num_attention_heads * c.head_dim
@@ -93,16 +94,6 @@ def _llm(cfg, new: int, prefix: int = 0) -> float:
 
 def _logits(cfg, rows: int) -> float:
     return 2.0 * rows * cfg.llm.hidden_size * cfg.llm.vocab_size
-
-
-def _xla_flops(fn, *args) -> float:
-    """XLA's count for a loop-free function (the VAE is unrolled Python, so this is exact)."""
-    import jax
-
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost.get("flops", 0.0))
 
 
 # ----------------------------------------------------------------------------- bench mode
@@ -359,13 +350,13 @@ def run_bench(path: str, iters: int, workloads, *, shrink: bool = False) -> dict
     def vae_encode_flops(n):
         model = nnx.merge(layout.graphdef, params)
         gd, st = nnx.split(model.vae)
-        return _xla_flops(lambda s, x: nnx.merge(gd, s).tokenize(x), st, images(n))
+        return xla_flops(lambda s, x: nnx.merge(gd, s).tokenize(x), st, images(n))
 
     def vae_decode_flops(n):
         model = nnx.merge(layout.graphdef, params)
         gd, st = nnx.split(model.vae)
         z = jnp.zeros((n, h, w, cfg.mar.token_embed_dim), jnp.float32)
-        return _xla_flops(lambda s, x: nnx.merge(gd, s).detokenize(x), st, z)
+        return xla_flops(lambda s, x: nnx.merge(gd, s).detokenize(x), st, z)
 
     # -- text-to-image training step
     if "t2i_train" in workloads:

@@ -4,32 +4,16 @@ scanned layer once, so it cannot be used with stacked layers).
 Convention (MaxText's): 2 FLOPs per multiply-add of every matmul that is actually executed
 (including the static padding of the sparse encoder), attention scores and values included
 (causal attention halved), training = 3 x forward (no remat recompute: model FLOPs, not hardware
-FLOPs). Embedding gathers and norms are not counted.
+FLOPs), except the frozen KL-16 VAE encoder, which sits behind stop_gradient and runs forward
+only (1 x). Embedding gathers and norms are not counted. The shared layer counts live in
+models/flops_common.py; tests/test_flops.py checks these models against XLA at depth 1.
 """
 
 from __future__ import annotations
 
+from unified_mm.models.flops_common import conv2d_flops, qwen2_layer_flops, vit_block_flops
 from unified_mm.models.harmon.conv_stem import conv_stem_pools
 from unified_mm.models.harmon.harmon import HarmonConfig
-
-
-def vit_block_flops(tokens: int, width: int, mlp: int) -> float:
-    """One pre-LN ViT block over ``tokens`` rows (bidirectional attention)."""
-    dense = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp)
-    attention = 4 * tokens * tokens * width
-    return float(dense + attention)
-
-
-def qwen2_layer_flops(tokens: int, cfg) -> float:
-    """One Qwen2 decoder layer over ``tokens`` rows (causal attention: half the score matrix)."""
-    h, q, kv = (
-        cfg.hidden_size,
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    )
-    dense = 2 * tokens * (h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size)
-    attention = 4 * tokens * tokens * q / 2
-    return float(dense + attention)
 
 
 def diffloss_row_flops(cfg: HarmonConfig) -> float:
@@ -57,6 +41,42 @@ def conv_stem_flops(cfg: HarmonConfig, tokens: int) -> float:
     return flops
 
 
+def vae_encode_flops(cfg: HarmonConfig, image_size: int) -> float:
+    """The KL-16 VAE's encoder and quant_conv on one image (``AutoencoderKL.tokenize``); 0 for
+    the parameter-free pixel tokenizer. Convolutions count their taps on real input (as XLA)."""
+    v = cfg.vae
+    if v is None:
+        return 0.0
+    side, ch = image_size, v.ch
+
+    def conv(c_in: int, c_out: int, k: int, **kw) -> float:
+        return conv2d_flops((side, side), k, c_in, c_out, **kw)
+
+    def resnet(c_in: int, c_out: int) -> float:
+        f = conv(c_in, c_out, 3, pad=(1, 1)) + conv(c_out, c_out, 3, pad=(1, 1))
+        return f + (conv(c_in, c_out, 1) if c_in != c_out else 0.0)
+
+    def attn(c: int) -> float:  # q, k, v, proj_out (1x1) and single-head scores and values
+        return 4 * conv(c, c, 1) + 4.0 * (side * side) ** 2 * c
+
+    flops = conv(v.in_channels, ch, 3, pad=(1, 1))
+    block_in = ch
+    for i, mult in enumerate(v.ch_mult):
+        for _ in range(v.num_res_blocks):
+            flops += resnet(block_in, ch * mult)
+            block_in = ch * mult
+            if i in v.encoder_attn_levels:
+                flops += attn(block_in)
+        if i != len(v.ch_mult) - 1:  # torch's (0, 1) pad, then a VALID stride-2 conv
+            flops += conv(block_in, block_in, 3, stride=2, pad=(0, 1))
+            side = (side + 1 - 3) // 2 + 1
+    flops += 2 * resnet(block_in, block_in) + attn(block_in)  # mid
+    z = 2 * v.z_channels if v.double_z else v.z_channels
+    flops += conv(block_in, z, 3, pad=(1, 1))
+    mult = 2 if v.use_variational else 1
+    return flops + conv(2 * v.embed_dim, mult * v.embed_dim, 1)  # quant_conv
+
+
 def _mar_encoder(cfg: HarmonConfig, rows: int) -> float:
     m = cfg.mar
     mlp = int(m.encoder_embed_dim * m.mlp_ratio)
@@ -75,10 +95,14 @@ def _mar_decoder(cfg: HarmonConfig, rows: int) -> float:
     )
 
 
-def _projectors(cfg: HarmonConfig, rows: int) -> float:
+def _projectors(cfg: HarmonConfig, rows: int, *, out: bool) -> float:
+    """proj_in (MAR -> LLM) and, where the LLM's image rows go back to the MAR, proj_out."""
     de, h = cfg.mar.encoder_embed_dim, cfg.llm.hidden_size
     hin, hout = cfg.proj_in_hidden or h, cfg.proj_out_hidden or h
-    return 2.0 * rows * (de * hin + hin * h + h * hout + hout * de)
+    flops = 2.0 * rows * (de * hin + hin * h)
+    if out:
+        flops += 2.0 * rows * (h * hout + hout * de)
+    return flops
 
 
 def _llm(cfg: HarmonConfig, tokens: int) -> float:
@@ -91,7 +115,8 @@ def t2i_forward_flops(cfg: HarmonConfig, *, image_size: int, text_len: int) -> f
     seq = h * w
     nb = cfg.mar.buffer_size
     enc_rows = nb + cfg.mar.max_visible(seq)  # static padded visible set
-    flops = _mar_encoder(cfg, enc_rows) + _projectors(cfg, enc_rows) + conv_stem_flops(cfg, seq)
+    flops = vae_encode_flops(cfg, image_size) + conv_stem_flops(cfg, seq)
+    flops += _mar_encoder(cfg, enc_rows) + _projectors(cfg, enc_rows, out=True)
     flops += _llm(cfg, text_len + enc_rows)
     flops += _mar_decoder(cfg, nb + seq)
     flops += cfg.mar.diffusion_batch_mul * seq * diffloss_row_flops(cfg)
@@ -99,19 +124,21 @@ def t2i_forward_flops(cfg: HarmonConfig, *, image_size: int, text_len: int) -> f
 
 
 def i2t_forward_flops(cfg: HarmonConfig, *, image_size: int, und_len: int) -> float:
-    """One image-to-text training example (full image visible), forward only."""
+    """One image-to-text training example (full image visible), forward only. The image rows
+    enter the LLM through proj_in only; logits are taken on every position but the last."""
     h, w = cfg.latent_grid(image_size)
     rows = cfg.mar.buffer_size + h * w
-    flops = _mar_encoder(cfg, rows) + _projectors(cfg, rows) + _llm(cfg, und_len)
-    flops += conv_stem_flops(cfg, h * w)
-    flops += 2.0 * und_len * cfg.llm.hidden_size * cfg.llm.vocab_size  # logits
+    flops = vae_encode_flops(cfg, image_size) + conv_stem_flops(cfg, h * w)
+    flops += _mar_encoder(cfg, rows) + _projectors(cfg, rows, out=False) + _llm(cfg, und_len)
+    flops += 2.0 * (und_len - 1) * cfg.llm.hidden_size * cfg.llm.vocab_size  # logits
     return flops
 
 
 def training_flops_per_example(
     cfg: HarmonConfig, *, image_size: int, text_len: int, und_len: int
 ) -> dict[str, float]:
-    return {
-        "t2i": 3.0 * t2i_forward_flops(cfg, image_size=image_size, text_len=text_len),
-        "i2t": 3.0 * i2t_forward_flops(cfg, image_size=image_size, und_len=und_len),
-    }
+    """``{task: training FLOPs per example}``: 3 x forward, the frozen VAE encoder once."""
+    vae = vae_encode_flops(cfg, image_size)
+    t2i = t2i_forward_flops(cfg, image_size=image_size, text_len=text_len)
+    i2t = i2t_forward_flops(cfg, image_size=image_size, und_len=und_len)
+    return {"t2i": 3.0 * (t2i - vae) + vae, "i2t": 3.0 * (i2t - vae) + vae}
