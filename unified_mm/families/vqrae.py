@@ -151,6 +151,26 @@ class VQRAEFamily(ModelFamily):
         data = with_overrides(self.config.data, stage.data)
         return abstract_task_batch(data, stage.image_size, batch_per_task)
 
+    def flops_per_example(self, stage: StageSpec) -> dict[str, float]:
+        """Analytic training FLOPs per example (models/vqrae/flops.py). The adaptive GAN weight
+        is counted when the stage reaches ``gan_start_step`` (the loss gets the global step)."""
+        from unified_mm.data.config import with_overrides
+        from unified_mm.models.vqrae.flops import training_flops_per_example
+        from unified_mm.train.stages import stage_boundaries, stages_from_config
+
+        data = with_overrides(self.config.data, stage.data)
+        last_step = stage_boundaries(stages_from_config(self.config))[stage.index + 1] - 1
+        return training_flops_per_example(
+            self.model_cfg,
+            stage.task_batch,
+            objective=stage.options["objective"],
+            distill=bool(stage.options.get("distill", False)),
+            gan_on=last_step >= self.tokenizer_cfg.loss.gan_start_step,
+            text_len=int(data.max_text_len),
+            und_len=int(data.max_und_len),
+            examples_per_call={t: n // stage.grad_accum for t, n in stage.task_batch.items()},
+        )
+
     # -- losses --------------------------------------------------------------------------------
     def loss(self, model: VQRAEUnified, batch, key, *, step, stage: StageSpec):
         objective = stage.options["objective"]

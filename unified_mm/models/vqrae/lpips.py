@@ -37,7 +37,7 @@ Array = jax.Array
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 # (torchvision feature index of each conv, block it belongs to); blocks have 2, 2, 3, 3, 3 convs.
 _CONV_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-_CONV_BLOCK = (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)
+CONV_BLOCK = (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
@@ -48,7 +48,7 @@ class LPIPS(nnx.Module):
         self.channels = tuple(channels)
         kernels, biases = [], []
         c_in = 3
-        for blk in _CONV_BLOCK:
+        for blk in CONV_BLOCK:
             c_out = self.channels[blk]
             shape = (3, 3, c_in, c_out)
             if rngs is None:
@@ -68,8 +68,8 @@ class LPIPS(nnx.Module):
 
     def features(self, x: Array) -> list[Array]:
         taps = []
-        for j, blk in enumerate(_CONV_BLOCK):
-            if j and blk != _CONV_BLOCK[j - 1]:
+        for j, blk in enumerate(CONV_BLOCK):
+            if j and blk != CONV_BLOCK[j - 1]:
                 taps.append(x)
                 x = jax.lax.reduce_window(
                     x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
