@@ -14,8 +14,9 @@ conftest.py fixture. A partial run (no marker) is deleted and retrained.
 
 `check_trained(run)` asserts the checkpoint really holds trained weights (so the fixtures cannot
 silently fall back to random ones): checkpoint metadata at step `TRAIN_STEPS` > 0, finite losses
-in metrics.jsonl with the chosen loss falling, and weights that changed between the two
-checkpoints (and an EMA that differs from the raw params when the run keeps one).
+in metrics.jsonl with the chosen loss falling, the family's analytic FLOPs logged on every timed
+step, and weights that changed between the two checkpoints (and an EMA that differs from the raw
+params when the run keeps one).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEPS = 6
@@ -186,6 +188,17 @@ def _max_change(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(x - y), initial=0.0)) for x, y in zip(a, b, strict=True))
 
 
+def _model_tflops_per_step(run: TrainedRun) -> float:
+    """The analytic TFLOP per step of the run's stage, from the same config's family."""
+    from unified_mm import families
+    from unified_mm.train.stages import stages_from_config
+
+    config = {"harmon": harmon_config, "vqrae": vqrae_config}[run.family]()
+    (stage,) = [s for s in stages_from_config(config) if s.name == run.stage]
+    per_example = families.build(config).flops_per_example(stage)
+    return sum(per_example[t] * n for t, n in stage.task_batch.items()) / 1e12
+
+
 def check_trained(run: TrainedRun) -> dict:
     """Asserts `run.workdir` holds a checkpoint the trainer trained; returns what it measured."""
     import orbax.checkpoint as ocp
@@ -212,6 +225,13 @@ def check_trained(run: TrainedRun) -> dict:
     losses = [r[run.loss_key] for r in rows]
     first, last = float(np.mean(losses[:2])), float(np.mean(losses[-2:]))
     assert first - last > run.min_loss_drop, (run.loss_key, losses)
+    # Every timed step (all but the compiling first) logs the family's analytic FLOPs for MFU.
+    timed = [r for r in rows if "perf/step_seconds" in r]
+    assert len(timed) == run.steps - 1, [sorted(r) for r in rows[:2]]
+    expected = _model_tflops_per_step(run)
+    assert expected > 0
+    for r in timed:
+        assert r["perf/model_tflops_per_step"] == pytest.approx(expected, rel=1e-6)
 
     final = _weights(run.workdir, run.steps, ema=False)
     moved = _max_change(_weights(run.workdir, MID_STEP, ema=False), final)
