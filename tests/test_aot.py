@@ -19,6 +19,7 @@ from unified_mm.tools.aot_compile import (
     Report,
     StageCompiler,
     child_argv,
+    remat_anywhere,
     roofline,
     scaled_task_batch,
     task_ratio,
@@ -115,6 +116,18 @@ def test_roofline_picks_the_slowest_resource():
     )
     assert remat["mfu"] == pytest.approx(0.75)  # the recomputed forward is not model FLOPs
     assert remat["dcn_s"] == pytest.approx(2 * 4e9 / 16 * 0.5 / 6.25e9)
+
+
+def test_remat_is_found_at_any_level_of_the_model_config():
+    import ml_collections
+
+    harmon = ml_collections.ConfigDict(dict(remat=True, llm=dict(hidden_size=8)))
+    vqrae = ml_collections.ConfigDict(
+        dict(tokenizer=dict(encoder=dict(remat=False), decoder=dict(remat=True)), llm={})
+    )
+    assert remat_anywhere(harmon) and remat_anywhere(vqrae)
+    vqrae.tokenizer.decoder.remat = False
+    assert not remat_anywhere(vqrae) and not remat_anywhere({})
 
 
 class _FakeCompiler(StageCompiler):

@@ -226,6 +226,17 @@ def _first_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- compile
+def remat_anywhere(node) -> bool:
+    """Whether a model config turns remat on at any level: Harmon's ``model.remat``, VQRAE's
+    ``tokenizer.encoder.remat`` / ``tokenizer.decoder.remat``. The roofline then takes the whole
+    forward as recomputed (x4/3), an overestimate where only some stacks are."""
+    if not hasattr(node, "keys"):
+        return False
+    return any(
+        (key == "remat" and bool(value)) or remat_anywhere(value) for key, value in node.items()
+    )
+
+
 def portable_config(config):
     """An unlocked copy; a tokenizer file that is absent here is dropped.
 
@@ -470,7 +481,7 @@ class StageCompiler:
             mesh_shape=dict(self.mesh.shape),
             num_slices=self.topo.num_slices,
             chip=self.topo.chip,
-            remat=bool(self.config.get("model", {}).get("remat", False)),
+            remat=remat_anywhere(self.config.get("model", {})),
         )
 
     def _check(self, report, stage, abstract_state, abstract_batch, trainable_bytes) -> Report:
