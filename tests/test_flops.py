@@ -325,3 +325,48 @@ def test_adaptive_gan_weight_counted_only_once_the_stage_reaches_it():
         config.model.tokenizer.loss.gan_weight = 0.0
     no_gan = families.build(config).flops_per_example(stages["tokenizer"])["image"]
     assert no_gan < before
+
+
+@pytest.mark.parametrize(
+    "stage_name, task", [("align", "t2i"), ("align", "i2t"), ("full", "t2i"), ("full", "i2t")]
+)
+def test_harmon_training_matches_xla(harmon_setup, stage_name, task):
+    """The gradient w.r.t. a stage's trainable groups against the 3 / 2 / 1 pass rule: in the
+    align stage the frozen LLM still carries the input gradient back to the MAR encoder (2 x),
+    and the frozen VAE never does (1 x)."""
+    c, family, graphdef, state, _ = harmon_setup
+    (stage,) = [s for s in stages_from_config(c) if s.name == stage_name]
+    cfg = family.model_cfg
+    batch = family.abstract_batch(stage, {task: B})
+    groups = family.param_groups()
+    trainable = nnx.All(nnx.Param, nnx.Any(*[groups[g] for g in stage.trainable]))
+    trained, frozen = nnx.split_state(state, trainable, ...)
+
+    def loss(t, f, b):
+        model = nnx.merge(graphdef, t, f)
+        return family.loss(model, b, jax.random.key(0), step=0, stage=stage)[0]
+
+    xla = xla_flops(jax.grad(loss), trained, frozen, batch) / B
+    h, w = cfg.latent_grid(stage.image_size)
+    if task == "t2i":
+        tokens = int(c.data.max_text_len) + cfg.mar.buffer_size + cfg.mar.max_visible(h * w)
+    else:
+        tokens = int(c.data.max_und_len)
+    llm_passes = 3.0 if "llm" in stage.trainable else 2.0
+    analytic = family.flops_per_example(stage)[task] + llm_passes * causal_half(cfg.llm, tokens)
+    ratio = analytic / xla
+    print(f"harmon {stage_name} {task}: training ratio {ratio:.4f}")
+    assert FORWARD_LO <= ratio <= TRAIN_HI
+    if stage_name == "align":  # the frozen LLM counts 2 x, not 3 x
+        full = _flops_if_everything_trained(c, family, stage, task)
+        assert family.flops_per_example(stage)[task] < full
+
+
+def _flops_if_everything_trained(c, family, stage, task: str) -> float:
+    """The same task under the default rule: every group but the VAE trains."""
+    return harmon_flops.training_flops_per_example(
+        family.model_cfg,
+        image_size=stage.image_size,
+        text_len=int(c.data.max_text_len),
+        und_len=int(c.data.max_und_len),
+    )[task]

@@ -233,6 +233,7 @@ class HarmonFamily(ModelFamily):
             image_size=stage.image_size,
             text_len=int(data.max_text_len),
             und_len=int(data.max_und_len),
+            trainable=tuple(stage.trainable),
         )
 
     # -- previews and evaluation ------------------------------------------------------------------

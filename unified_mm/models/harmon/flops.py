@@ -3,9 +3,13 @@ scanned layer once, so it cannot be used with stacked layers).
 
 Convention (MaxText's): 2 FLOPs per multiply-add of every matmul that is actually executed
 (including the static padding of the sparse encoder), attention scores and values included
-(causal attention halved), training = 3 x forward (no remat recompute: model FLOPs, not hardware
-FLOPs), except the frozen KL-16 VAE encoder, which sits behind stop_gradient and runs forward
-only (1 x). Embedding gathers and norms are not counted. The shared layer counts live in
+(causal attention halved). Training counts each part of the forward chain (VAE, MAR encoder,
+proj_in, LLM, proj_out, MAR decoder, diffusion head) by the stage's trainable groups, the rule
+models/vqrae/flops.py uses: 3 x its forward if it trains (input and weight gradients), 2 x if it
+is frozen but a trainable part lies upstream (the input gradient passes through it: the frozen
+LLM of Stage I), 1 x if nothing upstream trains (the frozen KL-16 VAE, behind stop_gradient).
+No remat recompute: model FLOPs, not hardware FLOPs. Embedding gathers and norms are not
+counted. The shared layer counts live in
 models/flops_common.py; tests/test_flops.py checks these models against XLA at depth 1.
 """
 
@@ -109,36 +113,79 @@ def _llm(cfg: HarmonConfig, tokens: int) -> float:
     return cfg.llm.num_hidden_layers * qwen2_layer_flops(tokens, cfg.llm)
 
 
-def t2i_forward_flops(cfg: HarmonConfig, *, image_size: int, text_len: int) -> float:
-    """One text-to-image training example, forward only, as this implementation executes it."""
+# Parameter groups (HarmonFamily.param_groups); the VAE never trains.
+ALL_TRAINABLE: tuple[str, ...] = ("mar_encoder", "projectors", "llm", "mar_decoder", "diffloss")
+
+
+def t2i_forward_parts(
+    cfg: HarmonConfig, *, image_size: int, text_len: int
+) -> list[tuple[str, float]]:
+    """One text-to-image training example, forward only, as ``(group, FLOPs)`` in execution
+    order (the order the gradient runs back through)."""
     h, w = cfg.latent_grid(image_size)
     seq = h * w
     nb = cfg.mar.buffer_size
     enc_rows = nb + cfg.mar.max_visible(seq)  # static padded visible set
-    flops = vae_encode_flops(cfg, image_size) + conv_stem_flops(cfg, seq)
-    flops += _mar_encoder(cfg, enc_rows) + _projectors(cfg, enc_rows, out=True)
-    flops += _llm(cfg, text_len + enc_rows)
-    flops += _mar_decoder(cfg, nb + seq)
-    flops += cfg.mar.diffusion_batch_mul * seq * diffloss_row_flops(cfg)
-    return flops
+    de, hidden = cfg.mar.encoder_embed_dim, cfg.llm.hidden_size
+    hout = cfg.proj_out_hidden or hidden
+    proj_out = 2.0 * enc_rows * (hidden * hout + hout * de)
+    return [
+        ("vae", vae_encode_flops(cfg, image_size)),
+        ("mar_encoder", conv_stem_flops(cfg, seq) + _mar_encoder(cfg, enc_rows)),
+        ("projectors", _projectors(cfg, enc_rows, out=True) - proj_out),
+        ("llm", _llm(cfg, text_len + enc_rows)),
+        ("projectors", proj_out),
+        ("mar_decoder", _mar_decoder(cfg, nb + seq)),
+        ("diffloss", cfg.mar.diffusion_batch_mul * seq * diffloss_row_flops(cfg)),
+    ]
+
+
+def i2t_forward_parts(
+    cfg: HarmonConfig, *, image_size: int, und_len: int
+) -> list[tuple[str, float]]:
+    """One image-to-text training example (full image visible), forward only, as ``(group,
+    FLOPs)`` in execution order. The image rows enter the LLM through proj_in only; logits (tied
+    or not, LLM parameters) are taken on every position but the last."""
+    h, w = cfg.latent_grid(image_size)
+    rows = cfg.mar.buffer_size + h * w
+    logits = 2.0 * (und_len - 1) * cfg.llm.hidden_size * cfg.llm.vocab_size
+    return [
+        ("vae", vae_encode_flops(cfg, image_size)),
+        ("mar_encoder", conv_stem_flops(cfg, h * w) + _mar_encoder(cfg, rows)),
+        ("projectors", _projectors(cfg, rows, out=False)),
+        ("llm", _llm(cfg, und_len) + logits),
+    ]
+
+
+def t2i_forward_flops(cfg: HarmonConfig, *, image_size: int, text_len: int) -> float:
+    """One text-to-image training example, forward only."""
+    return sum(f for _, f in t2i_forward_parts(cfg, image_size=image_size, text_len=text_len))
 
 
 def i2t_forward_flops(cfg: HarmonConfig, *, image_size: int, und_len: int) -> float:
-    """One image-to-text training example (full image visible), forward only. The image rows
-    enter the LLM through proj_in only; logits are taken on every position but the last."""
-    h, w = cfg.latent_grid(image_size)
-    rows = cfg.mar.buffer_size + h * w
-    flops = vae_encode_flops(cfg, image_size) + conv_stem_flops(cfg, h * w)
-    flops += _mar_encoder(cfg, rows) + _projectors(cfg, rows, out=False) + _llm(cfg, und_len)
-    flops += 2.0 * (und_len - 1) * cfg.llm.hidden_size * cfg.llm.vocab_size  # logits
-    return flops
+    """One image-to-text training example, forward only."""
+    return sum(f for _, f in i2t_forward_parts(cfg, image_size=image_size, und_len=und_len))
+
+
+def training_flops(parts: list[tuple[str, float]], trainable: tuple[str, ...]) -> float:
+    """Forward + backward of a forward chain under the module docstring's 3 / 2 / 1 rule."""
+    total, upstream_trains = 0.0, False
+    for group, flops in parts:
+        trains = group in trainable and group != "vae"
+        total += (3.0 if trains else 2.0 if upstream_trains else 1.0) * flops
+        upstream_trains = upstream_trains or trains
+    return total
 
 
 def training_flops_per_example(
-    cfg: HarmonConfig, *, image_size: int, text_len: int, und_len: int
+    cfg: HarmonConfig,
+    *,
+    image_size: int,
+    text_len: int,
+    und_len: int,
+    trainable: tuple[str, ...] = ALL_TRAINABLE,
 ) -> dict[str, float]:
-    """``{task: training FLOPs per example}``: 3 x forward, the frozen VAE encoder once."""
-    vae = vae_encode_flops(cfg, image_size)
-    t2i = t2i_forward_flops(cfg, image_size=image_size, text_len=text_len)
-    i2t = i2t_forward_flops(cfg, image_size=image_size, und_len=und_len)
-    return {"t2i": 3.0 * (t2i - vae) + vae, "i2t": 3.0 * (i2t - vae) + vae}
+    """``{task: training FLOPs per example}`` for a stage training the groups ``trainable``."""
+    t2i = t2i_forward_parts(cfg, image_size=image_size, text_len=text_len)
+    i2t = i2t_forward_parts(cfg, image_size=image_size, und_len=und_len)
+    return {"t2i": training_flops(t2i, trainable), "i2t": training_flops(i2t, trainable)}
