@@ -98,3 +98,37 @@ def test_paper_configs_train_a_few_steps_at_reduced_width(name, tmp_path):
     assert report["global_step"] == 6
     rows = read_metrics(str(tmp_path))
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_understanding_logits_only_on_rows_that_can_carry_labels():
+    """The family takes logits on `label_rows` per sample (the image span never carries a label):
+    real packed batches of the main config never exceed it, and the bounded loss is the full one."""
+    from unified_mm.families.harmon import label_rows
+    from unified_mm.train.stages import stages_from_config
+
+    config = load_config("shapes_harmon", "smoke")
+    family = families.build(config)
+    (stage,) = [s for s in stages_from_config(config) if s.name == "full"]
+    it = family.make_train_iterator(stage, seed=0, process_index=0, process_count=1)
+    batch = next(it)["i2t"]
+    it.close()
+    rows, und_len = batch["labels"].shape
+    bound = label_rows(und_len, family.image_tokens(stage.image_size))
+    valid = (batch["labels"][:, 1:] >= 0).sum(axis=1)
+    assert bound < und_len - 1 and 0 < valid.max() <= bound
+
+    model = family.build_model(nnx.Rngs(0))
+    key = jax.random.key(0)
+    loss, metrics = family.loss(model, {"i2t": batch}, key, step=0, stage=stage)
+    k_i2t = jax.random.split(key)[1]  # the key family.loss hands the understanding loss
+    full, m = model.i2t_loss(
+        batch["image"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        k_i2t,
+        deterministic=False,
+        grad_scale=family.model_cfg.grad_scale,
+    )
+    np.testing.assert_allclose(float(metrics["loss/i2t"]), float(full), rtol=1e-6)
+    assert int(m["label_tokens"]) == int(valid.sum())

@@ -5,6 +5,8 @@ parameter, the pixel tokenizer, and buffer handling of resized positional embedd
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,15 +184,24 @@ def test_i2t_loss_gradient_scale(tiny):
         np.asarray(g1["llm"]["norm"]["scale"]), np.asarray(g01["llm"]["norm"]["scale"]), rtol=1e-6
     )
 
-    # A static bound on the label rows gives the same loss (logits only where labels are).
-    @jax.jit
-    def bounded(params):
+    # A static per-sample bound on the label rows at or above each sample's 4 labelled rows gives
+    # the same loss (logits only where labels are); below it, labels are dropped.
+    @functools.partial(jax.jit, static_argnums=1)
+    def bounded(params, rows):
         m = nnx.merge(graphdef, params, rest)
         return m.i2t_loss(
-            images, und_ids, am, labels, jax.random.key(0), deterministic=True, max_label_tokens=9
-        )[0]
+            images,
+            und_ids,
+            am,
+            labels,
+            jax.random.key(0),
+            deterministic=True,
+            label_rows_per_sample=rows,
+        )
 
-    np.testing.assert_allclose(float(bounded(params)), float(loss1), rtol=1e-6)
+    np.testing.assert_allclose(float(bounded(params, 5)[0]), float(loss1), rtol=1e-6)
+    np.testing.assert_allclose(float(bounded(params, 4)[0]), float(loss1), rtol=1e-6)
+    assert int(bounded(params, 3)[1]["label_tokens"]) == 2 * 3
 
 
 def test_t2i_sampler_without_cfg_with_key(tiny):

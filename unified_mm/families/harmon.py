@@ -77,6 +77,14 @@ def harmon_config_from(model_cfg: ml_collections.ConfigDict, tokenizer=None) -> 
     return cfg
 
 
+def label_rows(und_len: int, image_tokens: int) -> int:
+    """Most next-token targets one understanding sample can label: the image span (at least one
+    template token in, so all of it lies inside the shifted targets) never carries labels. Logits
+    are taken on these rows only: in the paper configs 255 of 1343 rows at 512 px (1088 image
+    rows) and 1023 at 256 px."""
+    return und_len - 1 - image_tokens
+
+
 class HarmonFamily(ModelFamily):
     tasks = ("t2i", "i2t")
     # None: a mask ratio drawn per step (training); a value fixes it (benchmarks that must match
@@ -211,6 +219,7 @@ class HarmonFamily(ModelFamily):
             metrics.update({"loss/t2i": loss, "t2i/mse": m["mse"], "t2i/vb": m["vb"]})
         if "i2t" in batch:
             b = batch["i2t"]
+            und_len = b["labels"].shape[1]
             loss, m = model.i2t_loss(
                 b["image"],
                 b["input_ids"],
@@ -219,6 +228,7 @@ class HarmonFamily(ModelFamily):
                 k_i2t,
                 deterministic=False,
                 grad_scale=self.model_cfg.grad_scale,
+                label_rows_per_sample=label_rows(und_len, self.image_tokens(stage.image_size)),
             )
             total += stage.loss_weights.get("i2t", 1.0) * loss
             metrics.update({"loss/i2t": loss, "i2t/token_accuracy": m["accuracy"]})

@@ -145,10 +145,11 @@ def i2t_forward_parts(
 ) -> list[tuple[str, float]]:
     """One image-to-text training example (full image visible), forward only, as ``(group,
     FLOPs)`` in execution order. The image rows enter the LLM through proj_in only; logits (tied
-    or not, LLM parameters) are taken on every position but the last."""
+    or not, LLM parameters) are taken only on the rows that can carry a label: every position
+    but the last and the image span (``families.harmon.label_rows``)."""
     h, w = cfg.latent_grid(image_size)
     rows = cfg.mar.buffer_size + h * w
-    logits = 2.0 * (und_len - 1) * cfg.llm.hidden_size * cfg.llm.vocab_size
+    logits = 2.0 * (und_len - 1 - rows) * cfg.llm.hidden_size * cfg.llm.vocab_size
     return [
         ("vae", vae_encode_flops(cfg, image_size)),
         ("mar_encoder", conv_stem_flops(cfg, h * w) + _mar_encoder(cfg, rows)),
