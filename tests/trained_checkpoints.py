@@ -190,8 +190,7 @@ def _model_tflops_per_step(run: TrainedRun) -> float:
 
     config = {"harmon": harmon_config, "vqrae": vqrae_config}[run.family]()
     (stage,) = [s for s in stages_from_config(config) if s.name == run.stage]
-    per_example = families.build(config).flops_per_example(stage)
-    return sum(per_example[t] * n for t, n in stage.task_batch.items()) / 1e12
+    return families.build(config).flops_per_step(stage) / 1e12
 
 
 def check_trained(run: TrainedRun) -> dict:

@@ -9,11 +9,31 @@ XLA's cost analysis cannot replace these counts: it counts a ``lax.scan``-ned la
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from unified_mm.models.llm.qwen2 import Qwen2Config
+
+
+# How many times training runs a part's forward FLOPs (the MaxText / PaLM model-FLOPs rule):
+# trained (forward, input and weight gradients), frozen with the gradient of a trained part
+# passing through it (forward, input gradient), frozen and off the gradient path (forward).
+TRAINED, THROUGH, FORWARD = 3, 2, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One piece of a step: forward FLOPs per example and how many times training runs them."""
+
+    name: str
+    forward: float
+    passes: int
+
+    @property
+    def training(self) -> float:
+        return self.passes * self.forward
 
 
 def dense_flops(rows: int, d_in: int, d_out: int) -> float:

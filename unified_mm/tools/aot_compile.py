@@ -456,10 +456,7 @@ class StageCompiler:
             mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
         )
         report.memory = mem
-        per_example = self.family.flops_per_example(stage)
-        report.flops_per_step = float(
-            sum(per_example.get(t, 0.0) * n for t, n in stage.task_batch.items())
-        )
+        report.flops_per_step = self.family.flops_per_step(stage)
         report.flops_per_chip = report.flops_per_step / chips
         report.roofline = self._roofline(report.flops_per_chip, mem, trainable_bytes)
         report.fits = mem["total"] <= report.hbm_bytes
@@ -510,10 +507,7 @@ class StageCompiler:
             generated_code=0.0,
         )
         report.memory["total"] = args + temp
-        per_example = self.family.flops_per_example(stage)
-        report.flops_per_step = float(
-            sum(per_example.get(t, 0.0) * n for t, n in stage.task_batch.items())
-        )
+        report.flops_per_step = self.family.flops_per_step(stage)
         report.flops_per_chip = report.flops_per_step / self.mesh.size
         report.fits = fits and report.memory["total"] <= report.hbm_bytes
         report.error = error

@@ -590,11 +590,7 @@ def run_config(
         batch = host_batch_to_global(next(it), mesh)
         log(f"[{stage.name}] train step, global batch {stage.global_batch} at {stage.image_size}px")
         r = _time_train(step, state, batch, iters, counter, mesh, rules)
-        flops = float(
-            sum(
-                family.flops_per_example(stage).get(t, 0.0) * n for t, n in stage.task_batch.items()
-            )
-        )
+        flops = family.flops_per_step(stage)
         r["examples_per_s"] = stage.global_batch / r["median_s"]
         r["model_tflop_per_step"] = flops / 1e12
         r["tflops_achieved_per_device"] = flops / r["median_s"] / mesh.size / 1e12

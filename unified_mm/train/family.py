@@ -88,6 +88,11 @@ class ModelFamily(abc.ABC):
         """Analytic training FLOPs per example for each task (forward + backward), for MFU."""
         return {}
 
+    def flops_per_step(self, stage: StageSpec) -> float:
+        """Analytic training FLOPs of one global step of ``stage`` (0 without a FLOP model)."""
+        per_example = self.flops_per_example(stage)
+        return float(sum(per_example.get(t, 0.0) * n for t, n in stage.task_batch.items()))
+
     def previews(self, model: nnx.Module, stage: StageSpec, key: jax.Array) -> dict[str, Any]:
         """Sample grids for the log: ``{"images": {name: uint8 NHWC}, "texts": {name: str}}``."""
         return {}

@@ -190,12 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             feed = DataFeed(config, family, stage, mesh)
             if not fresh_stage and resume["data_state"] is not None:
                 feed.set_state(resume["data_state"])
-            flops = float(
-                sum(
-                    family.flops_per_example(stage).get(t, 0.0) * n
-                    for t, n in stage.task_batch.items()
-                )
-            )
+            flops = family.flops_per_step(stage)
             peak = mt.peak_tflops()
             timer = mt.StepTimer()
             stage_t0 = time.perf_counter()

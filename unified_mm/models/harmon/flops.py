@@ -15,7 +15,15 @@ models/flops_common.py; tests/test_flops.py checks these models against XLA at d
 
 from __future__ import annotations
 
-from unified_mm.models.flops_common import conv2d_flops, qwen2_layer_flops, vit_block_flops
+from unified_mm.models.flops_common import (
+    FORWARD,
+    THROUGH,
+    TRAINED,
+    Part,
+    conv2d_flops,
+    qwen2_layer_flops,
+    vit_block_flops,
+)
 from unified_mm.models.harmon.conv_stem import conv_stem_pools
 from unified_mm.models.harmon.harmon import HarmonConfig
 
@@ -168,14 +176,16 @@ def i2t_forward_flops(cfg: HarmonConfig, *, image_size: int, und_len: int) -> fl
     return sum(f for _, f in i2t_forward_parts(cfg, image_size=image_size, und_len=und_len))
 
 
-def training_flops(parts: list[tuple[str, float]], trainable: tuple[str, ...]) -> float:
-    """Forward + backward of a forward chain under the module docstring's 3 / 2 / 1 rule."""
-    total, upstream_trains = 0.0, False
+def training_parts(parts: list[tuple[str, float]], trainable: tuple[str, ...]) -> list[Part]:
+    """A forward chain's parts with their pass counts: a part trains if its group does; a frozen
+    one carries the gradient back when any part before it trains (the module docstring's rule)."""
+    out, upstream_trains = [], False
     for group, flops in parts:
-        trains = group in trainable and group != "vae"
-        total += (3.0 if trains else 2.0 if upstream_trains else 1.0) * flops
+        trains = group in trainable
+        passes = TRAINED if trains else THROUGH if upstream_trains else FORWARD
+        out.append(Part(group, flops, passes))
         upstream_trains = upstream_trains or trains
-    return total
+    return out
 
 
 def training_flops_per_example(
@@ -189,4 +199,7 @@ def training_flops_per_example(
     """``{task: training FLOPs per example}`` for a stage training the groups ``trainable``."""
     t2i = t2i_forward_parts(cfg, image_size=image_size, text_len=text_len)
     i2t = i2t_forward_parts(cfg, image_size=image_size, und_len=und_len)
-    return {"t2i": training_flops(t2i, trainable), "i2t": training_flops(i2t, trainable)}
+    return {
+        task: sum(p.training for p in training_parts(parts, trainable))
+        for task, parts in (("t2i", t2i), ("i2t", i2t))
+    }

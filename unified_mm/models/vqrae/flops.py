@@ -29,10 +29,13 @@ iterations and position-table resizes (per call, independent of the batch, negli
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 
 from unified_mm.models.flops_common import (
+    FORWARD,
+    THROUGH,
+    TRAINED,
+    Part,
     conv2d_flops,
     dense_flops,
     qwen2_layer_flops,
@@ -41,21 +44,6 @@ from unified_mm.models.flops_common import (
 from unified_mm.models.vqrae.config import DiscConfig, EncoderConfig, VQRAEConfig
 from unified_mm.models.vqrae.discriminator import dino_backbone_config
 from unified_mm.models.vqrae.lpips import CONV_BLOCK, VGG16_CHANNELS
-
-TRAINED, THROUGH, FORWARD = 3, 2, 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """One piece of a step: forward FLOPs per example and how many times training runs them."""
-
-    name: str
-    forward: float
-    passes: int
-
-    @property
-    def training(self) -> float:
-        return self.passes * self.forward
 
 
 # ----------------------------------------------------------------------------- modules (forward)
